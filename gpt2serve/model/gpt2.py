@@ -1,0 +1,264 @@
+"""GPT-2 in PyTorch, written for serving: a paged KV cache and a forward over a flat batch of tokens.
+
+Parameter names and shapes equal the Hugging Face checkpoint's keys (`transformer.h.0.attn.c_attn.weight`,
+...), so loading is a lookup. The attention/MLP projections keep the checkpoint's Conv1D layout,
+weight (in, out), and compute `x @ W + b` (addmm): on this CPU that streams weights faster at small
+batches than `F.linear` on an (out, in) weight (PERF-NOTES: 18-23 GB/s against 13.5), and it makes
+the Conv1D "transpose" of other loaders unnecessary.
+
+One forward call takes N tokens from B sequences laid out back to back (prefill chunks of any length
+and single decode tokens mixed), their positions, and where each token's K/V goes in the cache.
+The linear layers (where the FLOPs are) run once over all N rows with no padding; only attention is
+grouped: all single-token (decode) sequences in one batched SDPA over their gathered cache, each
+multi-token (prefill) chunk in its own SDPA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # context length
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"  # OpenAI's tanh approximation of GELU
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "GPT2Config":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "n_positions" not in kw and "n_ctx" in d:
+            kw["n_positions"] = d["n_ctx"]
+        cfg = cls(**kw)
+        cfg.validate(source, d)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GPT2Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the model config: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: the model config must be a JSON object")
+        return cls.from_dict(d, str(path))
+
+    def validate(self, source: str = "config", raw: dict | None = None) -> None:
+        if raw is not None and raw.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{source}: model_type is {raw.get('model_type')!r}; gpt2serve serves GPT-2 ('gpt2') checkpoints")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{source}: {name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{source}: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"{source}: activation_function {self.activation_function!r} is not supported (gelu_new, gelu)")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
+            raise ValueError(f"{source}: layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon!r}")
+
+
+# Family presets: the real shapes, for random:<id> and for naming.
+FAMILY: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # not a real checkpoint: a tiny shape for tests and demos on slow machines
+    "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch layout: what one forward step computes, built once per step by the runner and shared
+# by every layer.
+
+
+@dataclass
+class AttentionMetadata:
+    """Where N flat tokens of one step go. Decode sequences (1 new token each) come first.
+
+    num_decode: rows [0, num_decode) are decode tokens, one per sequence.
+    slot_mapping: (N,) int64, flat cache slot (block * block_size + offset) where each token's K/V is written.
+    decode_gather: (B_dec, L_dec) int64 cache slots of each decode sequence's context (padded with 0).
+    decode_mask: (B_dec, 1, 1, L_dec) bool, True where the key is part of the context.
+    prefills: one entry per prefill chunk: (row_start, row_end, context_slots or None, mask or None).
+      context_slots: (L,) int64 cache slots of the whole context incl. this chunk, when the chunk
+      continues earlier tokens (chunked prefill or a shared prefix); None when the chunk starts at
+      position 0, in which case attention uses the chunk's own K/V with a plain causal mask.
+      mask: (T, L) bool for continuation chunks.
+    """
+
+    num_decode: int
+    slot_mapping: torch.Tensor
+    decode_gather: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
+
+
+class KVCache:
+    """Paged K/V storage for every layer: (n_layer, num_blocks * block_size, n_head, head_dim) each.
+
+    Allocated once and touched at start-up (PERF-NOTES: first touch is slow in these VMs), never per
+    step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out by
+    engine/kv_cache.py.
+    """
+
+    def __init__(self, config: GPT2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (config.n_layer, num_blocks * block_size, config.n_head, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(config: GPT2Config, dtype: torch.dtype) -> int:
+        return 2 * config.n_layer * config.n_embd * torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules, named as the checkpoint's keys.
+
+
+class Conv1D(nn.Module):
+    """OpenAI's 'Conv1D': a linear layer whose weight is stored (in, out)."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(nx, nf))  # (in, out)
+        self.bias = nn.Parameter(torch.zeros(nf))  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)  # (N, in) @ (in, out) + (out,)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        N, C = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = self.c_attn(x).split(C, dim=1)  # 3 x (N, C)
+        q, k, v = q.view(N, H, D), k.view(N, H, D), v.view(N, H, D)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (S, H, D) each
+        k_cache[meta.slot_mapping] = k  # write this step's K/V before anyone reads them
+        v_cache[meta.slot_mapping] = v
+
+        out = torch.empty_like(q)  # (N, H, D)
+        B = meta.num_decode
+        if B:
+            # decode: one query per sequence against its gathered context
+            kd = k_cache[meta.decode_gather].transpose(1, 2)  # (B, H, L, D)
+            vd = v_cache[meta.decode_gather].transpose(1, 2)  # (B, H, L, D)
+            qd = q[:B].unsqueeze(2)  # (B, H, 1, D)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)  # (B, H, 1, D)
+            out[:B] = o.squeeze(2)
+        for start, end, ctx_slots, mask in meta.prefills:
+            qp = q[start:end].transpose(0, 1)  # (H, T, D)
+            if ctx_slots is None:  # chunk starts at position 0: its own K/V are the whole context
+                kp, vp = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)  # (H, T, D)
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+            else:
+                kp = k_cache[ctx_slots].transpose(0, 1)  # (H, L, D)
+                vp = v_cache[ctx_slots].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+            out[start:end] = o.transpose(0, 1)  # (T, H, D)
+        return self.c_proj(out.view(N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+        # gelu_new is the tanh approximation; plain "gelu" checkpoints use the exact erf form
+        self.approximate = "none" if config.activation_function == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, cache, meta):
+        x = x + self.attn(self.ln_1(x), layer, cache, meta)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings, tied to lm_head
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned positions
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        # lm_head is wte (tied); no parameter of its own, as in the checkpoints
+        self.requires_grad_(False)  # serving only; lets inference tensors meet parameters anywhere
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (N,) -> hidden states after ln_f: (N, C)."""
+        t = self.transformer
+        x = t.wte(input_ids) + t.wpe(positions)  # (N, C)
+        for i, block in enumerate(t.h):
+            x = block(x, i, cache, meta)
+        return t.ln_f(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (M, vocab) in float32 (sampling and logprobs want full precision)."""
+        return F.linear(hidden, self.transformer.wte.weight).float()
+
+    def init_random(self, seed: int = 0) -> "GPT2LMHeadModel":
+        """GPT-2's initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer))."""
+        g = torch.Generator().manual_seed(seed)
+        std = 0.02
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                    p.fill_(1.0)
+                else:
+                    s = std / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else std
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
