@@ -98,7 +98,7 @@ function renderInfo(info) {
   const p = info.pricing;
   $("pricing-text").textContent = p.billed
     ? `${fmtUsd(p.prompt_per_million_usd)} per million prompt tokens and ${fmtUsd(p.completion_per_million_usd)} per million completion tokens ` +
-      `(${p.prompt} and ${p.completion} USD per token). Cost is charged to your key's credit after each request.`
+      `(${p.prompt} and ${p.completion} USD per token). Each request holds its worst case (the prompt plus max tokens) on your credit, then pays only for the tokens generated.`
     : "Free: this server runs without API keys, so nothing is charged.";
 
   renderZeroShot(info.zero_shot);
@@ -122,7 +122,7 @@ function renderZeroShot(zs) {
     notes.push(`Measured here: from ${zs.report.path}` + (zs.report.model ? ` (model ${zs.report.model})` : "") + ".");
     if (zs.measured_random_weights) notes.push("Those measurements were made with random weights, so they are not comparable.");
   } else {
-    notes.push("No evaluation report on this server yet: run `gpt2serve eval --output report.json` and serve with --eval-report.");
+    notes.push("No evaluation report on this server yet: run `gpt2serve eval --output report.json` and point the server's eval_report setting (GPT2SERVE_EVAL_REPORT) at it.");
   }
   $("zs-note").textContent = notes.join(" ");
 
