@@ -75,27 +75,26 @@ class SlidingWindowLimiter:
             now = self.clock()
             w = self._windows.setdefault(key, _Window())
             self._prune(w, now)
+            if self.tpm > 0 and tokens > self.tpm:  # can never fit: say so before anything retryable
+                raise RateLimitExceeded(
+                    f"This request may use {tokens} tokens (prompt + max_tokens), more than this key's "
+                    f"limit of {self.tpm} tokens per minute. Lower max_tokens.", self.window_s, self._headers(w, now))
             if self.rpm > 0 and len(w.log) >= self.rpm:
                 retry = w.log[len(w.log) - self.rpm].t + self.window_s - now
                 raise RateLimitExceeded(
                     f"Rate limit reached: {self.rpm} requests per minute for this key. Retry in {retry:.1f}s.",
                     retry, self._headers(w, now))
             if self.tpm > 0 and w.tokens + tokens > self.tpm:
-                if tokens > self.tpm:
-                    retry = self.window_s
-                    msg = (f"This request may use {tokens} tokens (prompt + max_tokens), more than this key's "
-                           f"limit of {self.tpm} tokens per minute. Lower max_tokens.")
-                else:
-                    # The earliest time enough old tokens leave the window for this request to fit.
-                    freed, retry = 0, self.window_s
-                    for g in w.log:
-                        freed += g.tokens
-                        if w.tokens - freed + tokens <= self.tpm:
-                            retry = g.t + self.window_s - now
-                            break
-                    msg = (f"Rate limit reached: {self.tpm} tokens per minute for this key "
-                           f"({w.tokens} used in the last minute, this request may use {tokens}). "
-                           f"Retry in {retry:.1f}s.")
+                # The earliest time enough old tokens leave the window for this request to fit.
+                freed, retry = 0, self.window_s
+                for g in w.log:
+                    freed += g.tokens
+                    if w.tokens - freed + tokens <= self.tpm:
+                        retry = g.t + self.window_s - now
+                        break
+                msg = (f"Rate limit reached: {self.tpm} tokens per minute for this key "
+                       f"({w.tokens} used in the last minute, this request may use {tokens}). "
+                       f"Retry in {retry:.1f}s.")
                 raise RateLimitExceeded(msg, retry, self._headers(w, now))
             grant = Grant(key, now, tokens)
             w.log.append(grant)
