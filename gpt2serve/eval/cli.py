@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from gpt2serve.eval import data
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="tokens per scoring window (default: the model's context, 1024)")
     p.add_argument("--stride", type=int, help="tokens a window advances (default window // 2 = 512)")
     p.add_argument("--dtype", default="float32", help="in-process weights dtype (default float32)")
+    p.add_argument("--device", default="auto", help="in-process device: cpu, cuda, cuda:N, auto (default)")
     p.add_argument("--published", choices=("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
                    help="paper row to compare against (default: from the model's shape or name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,17 +54,17 @@ def make_scorer(args) -> Scorer:
     if args.backend == "hf":
         from gpt2serve.eval.scoring import TransformersScorer
 
-        return TransformersScorer(args.model, dtype=args.dtype)
+        return TransformersScorer(args.model, dtype=args.dtype, device=args.device)
     from gpt2serve.eval.scoring import EngineScorer
 
-    return EngineScorer(args.model, dtype=args.dtype)
+    return EngineScorer(args.model, dtype=args.dtype, device=args.device)
 
 
 def evaluate(tasks: list[str], scorer: Scorer, tok=None, data_dir=None, limit: int | None = None,
              window: int | None = None, stride: int | None = None, batch_size: int = 32,
              progress: bool = True) -> dict[str, dict]:
     """Run tasks with a scorer; returns {task: {"metrics", "info", "timing", "data", "limit"}}."""
-    tok = tok or get_tokenizer()
+    tok = tok or getattr(scorer, "tokenizer", None) or get_tokenizer()
     window = window or scorer.max_length
     if window > scorer.max_length:
         raise ValueError(f"--window {window} exceeds the model's context of {scorer.max_length}")
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n(--limit {args.limit}: a slice of each test set; not comparable with the published numbers)")
     if args.output:
         out = {"model": args.model, "backend": "api" if args.api else args.backend, "api": args.api,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "dtype": None if args.api else args.dtype, "device": None if args.api else args.device,
                "published_row": size, "limit": args.limit, "seconds": round(time.time() - t0, 2),
                "tasks": results, "table": rows, "markdown": table}
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n")

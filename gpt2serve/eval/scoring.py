@@ -55,10 +55,10 @@ def get_tokenizer():
     Ours when the model package has it; else tiktoken's GPT-2 encoding built from the vocab files
     shipped with the package (identical ids, no download)."""
     try:
-        from gpt2serve.model.tokenizer import Tokenizer  # type: ignore[import-not-found]
+        from gpt2serve.model.tokenizer import Tokenizer
 
-        return Tokenizer()
-    except (ImportError, TypeError, AttributeError):
+        return Tokenizer.default()
+    except (ImportError, AttributeError):  # model package without its tokenizer: same ids from tiktoken
         pass
     return _TiktokenGPT2()
 
@@ -94,12 +94,11 @@ class EngineScorer:
     """`gpt2serve.engine.LLM`: each request is one prompt (context + continuation) with
     SamplingParams(max_tokens=0, prompt_logprobs=1); the engine batches them."""
 
-    def __init__(self, model: str, dtype: str = "float32", **engine_config):
-        try:
-            from gpt2serve.engine import LLM  # type: ignore[attr-defined]
-        except ImportError:
-            from gpt2serve.engine.core import LLM  # type: ignore[import-not-found]
-        self.llm = LLM(model=model, dtype=dtype, **engine_config)
+    def __init__(self, model: str, dtype: str = "float32", device: str = "auto", **engine_config):
+        from gpt2serve.engine import LLM
+
+        self.llm = LLM(model=model, dtype=dtype, device=device, **engine_config)
+        self.tokenizer = self.llm.tokenizer
         self.max_length = _n_positions(self.llm)
         self.shape = _shape(self.llm)
 
@@ -163,12 +162,12 @@ class TransformersScorer:
     """`transformers.GPT2LMHeadModel` with right-padded batches; the LM head runs only on the
     positions that predict continuation tokens (a 1024x50257 logit matrix per row is 200 MB)."""
 
-    def __init__(self, model: str, dtype: str = "float32", device: str | None = None, batch_size: int = 8):
+    def __init__(self, model: str, dtype: str = "float32", device: str = "auto", batch_size: int = 8):
         import torch
         from transformers import GPT2LMHeadModel
 
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = GPT2LMHeadModel.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(self.device).eval()
         self.max_length = int(self.model.config.n_positions)
         self.shape = (int(self.model.config.n_layer), int(self.model.config.n_embd))
