@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from gpt2serve.engine.sampling import ParamError, SamplingParams
 
@@ -374,6 +374,11 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        # OpenAI's deltas carry only what changed: {"role": ..., "content": ""}, {"content": "x"}, {}
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
