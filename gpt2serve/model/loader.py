@@ -121,8 +121,10 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
         if family not in FAMILY:
             raise CheckpointError(f"{spec!r}: unknown model family {name!r}; known: {', '.join('random:' + k for k in FAMILY)}")
         config = GPT2Config(**FAMILY[family])
-        model = GPT2LMHeadModel(config).init_random(seed)
-        model = model.to(device=dev, dtype=param_dtype).eval()
+        # allocate once, in place, in the target dtype: no default init to overwrite, no fp32 copy
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(config).to(dtype=param_dtype)
+        model = model.to_empty(device=dev).init_random(seed).eval()
         return LoadedModel(model, config, Tokenizer.default(), family, True, spec, dt, dev, model.num_parameters())
 
     folder = Path(spec).expanduser()
@@ -184,6 +186,7 @@ def _canonical_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], d
     """
     sd: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
+    given: dict[str, str] = {}  # canonical key -> the key as written in the file
     for path in files:
         for key, tensor in _read_weights(path).items():
             bare = key.removeprefix("transformer.")
@@ -191,8 +194,9 @@ def _canonical_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], d
                 continue
             canon = key if key == "lm_head.weight" else "transformer." + bare
             if canon in sd:
-                raise CheckpointError(f"{path}: key {key!r} appears twice (as {canon!r}, also in {origin[canon].name})")
-            sd[canon], origin[canon] = tensor, path
+                raise CheckpointError(f"{path}: keys {key!r} and {given[canon]!r} ({origin[canon].name}) are the same "
+                                      f"tensor {canon!r}, given twice")
+            sd[canon], origin[canon], given[canon] = tensor, path, key
     return sd, origin
 
 
@@ -283,9 +287,10 @@ def _from_hub(spec: str, cache_dir: str | Path | None) -> Path:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo = HUB_ALIASES.get(spec, spec)
+    family = spec.split("/")[-1] if spec.split("/")[-1] in FAMILY else "gpt2"
     how = (f"Pass a local folder in Hugging Face layout instead (--model /path/to/folder holding config.json + "
-           f"model.safetensors, e.g. one written by save_pretrained), or --model random:{spec.split('/')[-1]} "
-           f"for random weights of that shape.")
+           f"model.safetensors, e.g. one written by save_pretrained), or --model random:{family} "
+           f"for random weights of the {family} shape.")
     for rid in dict.fromkeys([repo, spec]):  # canonical name first, then the name as given
         for patterns in (_HUB_META + _HUB_SAFETENSORS, _HUB_META + _HUB_BIN):
             try:
