@@ -93,7 +93,8 @@ def test_n_and_multiple_prompts_indices(server, client):
               extra_body={"ignore_eos": True})
     r = client.completions.create(**kw)
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
-    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == 2  # each prompt counted once
+    assert r.usage.completion_tokens == 16  # 2 prompts x n=2 x 4 tokens
+    assert r.usage.prompt_tokens == len(TOK.encode("Hello")) + len(TOK.encode("Goodbye"))  # once per prompt
     texts, finish, chunks = stream_text(client, **kw)
     assert set(texts) == {0, 1, 2, 3} and set(finish) == {0, 1, 2, 3}
     assert all(len(c.choices) == 1 for c in chunks)  # one choice per chunk, as OpenAI
