@@ -203,17 +203,46 @@ def _task_of(path: tuple[str, ...]) -> str | None:
 def measured_numbers(report: Any) -> dict[str, float]:
     """Row key (as in ZERO_SHOT_TASKS) -> measured value, percent for accuracies."""
     out: dict[str, float] = {}
+    # gpt2serve eval's own layout first (eval/cli.py): "table" rows of {task, metric, ours, published, ...},
+    # accuracies already in percent; then "tasks": {task: {"metrics": {metric: value}}}.
+    if isinstance(report, dict):
+        for row in report.get("table") or []:
+            if isinstance(row, dict) and isinstance(row.get("ours"), (int, float)):
+                _put(out, str(row.get("task", "")), str(row.get("metric", "")), float(row["ours"]))
+        for task, res in (report.get("tasks") or {}).items() if isinstance(report.get("tasks"), dict) else ():
+            metrics = res.get("metrics") if isinstance(res, dict) else None
+            for metric, value in (metrics or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    _put(out, str(task), str(metric), float(value))
+        if out:
+            return out
+    # Anything else: walk it, skipping the published / difference columns of a comparison.
     for path, value in _walk(report):
-        if any(_norm(p) in ("stderr", "std", "ci", "n", "count", "tokens", "numtokens", "examples", "seconds", "time") for p in path[-1:]):
+        last = path[-1].lower() if path else ""
+        if _norm(last) in _NOT_OURS or _NOT_OURS & set(re.split(r"[^a-z0-9]+", last)):
             continue
         task, metric = _task_of(path), _metric_of(path)
-        if task is None or metric is None:
-            continue
-        for row, target in _ROW_TARGETS.items():
-            if target == (task, metric) and row not in out:
-                # Accuracies may be written as fractions (0.4599) or percents (45.99).
-                out[row] = value * 100.0 if metric == "ACC" and value <= 1.0 else value
+        if task is not None and metric is not None:
+            # Accuracies may be fractions (0.4599) here; 1.0 or less is read as a fraction.
+            _put_row(out, task, metric, value * 100.0 if metric == "ACC" and value <= 1.0 else value)
     return out
+
+
+_NOT_OURS = {"published", "paper", "reference", "expected", "diff", "diffpct", "delta", "stderr", "std", "ci",
+             "n", "count", "tokens", "numtokens", "examples", "seconds", "time", "limit"}
+
+
+def _put(out: dict[str, float], task: str, metric: str, value: float) -> None:
+    t, m = _task_of((task,)), _metric_of((metric,))
+    # Only the headline metric: "ppl_token" beside "ppl" is not the paper's number.
+    if t is not None and m is not None and _norm(metric) in _METRIC_ALIASES[m]:
+        _put_row(out, t, m, value)
+
+
+def _put_row(out: dict[str, float], task: str, metric: str, value: float) -> None:
+    for row, target in _ROW_TARGETS.items():
+        if target == (task, metric) and row not in out:
+            out[row] = value
 
 
 def load_eval_report(path: str | None) -> tuple[dict[str, float], dict[str, Any] | None]:
@@ -227,7 +256,9 @@ def load_eval_report(path: str | None) -> tuple[dict[str, float], dict[str, Any]
         return {}, None
     facts: dict[str, Any] = {"path": p.name}
     if isinstance(report, dict):
-        for k in ("model", "created", "date", "timestamp", "dtype", "device", "random_weights", "limit", "max_examples"):
+        for k in ("model", "backend", "created", "date", "timestamp", "dtype", "device", "random_weights", "limit"):
             if k in report and isinstance(report[k], (str, int, float, bool)):
                 facts[k] = report[k]
+        if "random_weights" not in facts and isinstance(report.get("model"), str):
+            facts["random_weights"] = report["model"].startswith("random:")
     return measured_numbers(report), facts

@@ -48,6 +48,10 @@ async def page_info(request: Request) -> dict[str, Any]:
     loaded = getattr(ctx, "loaded", None)
     engine = getattr(ctx, "engine", None)
     model = _model_facts(settings, loaded)
+    try:  # api/serving.ServerContext.model_name: the id /v1/models shows (served_model_name or the model's)
+        model["id"] = ctx.model_name or model["id"]
+    except AttributeError:
+        pass
 
     measured, report = facts.load_eval_report(getattr(settings, "eval_report", None))
     rows = facts.published_table(model["size"])

@@ -100,3 +100,24 @@ def page_factory(browser) -> Iterator:
     yield new_page
     for ctx in contexts:
         ctx.close()
+
+
+def open_page(page_factory, url: str, viewport=DESKTOP):
+    """The model page at `url`, once /v1/page-info has rendered."""
+    page = page_factory(viewport)
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
+def generate(page, prompt: str, probs: bool = False, mode: str = "completion", **fields) -> str:
+    """Fill the playground (fields: max_tokens, temperature, top_p, top_k, seed, stop), press
+    Generate, wait for the stream to end; returns the output text exactly as shown."""
+    page.check(f"input[name=mode][value={mode}]")
+    page.fill("#prompt", prompt)
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
+    page.set_checked("#show-probs", probs)
+    page.click("#generate")
+    page.wait_for_selector("#output[data-done=true]")
+    return page.eval_on_selector("#output", "e => e.textContent")

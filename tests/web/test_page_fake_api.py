@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gpt2serve.api.settings import Settings
 from gpt2serve.web.routes import router
 
-from .conftest import DESKTOP, PHONE, ThreadServer
+from .conftest import PHONE, ThreadServer, generate, open_page
 
 pytestmark = pytest.mark.browser
 
@@ -121,23 +121,8 @@ def server():
         yield s
 
 
-def open_page(page_factory, server, viewport=DESKTOP):
-    page = page_factory(viewport)
-    page.goto(server.url + "/")
-    page.wait_for_selector("body[data-ready=true]")
-    return page
-
-
-def generate(page, prompt, probs=False, mode="completion"):
-    page.check(f'input[name=mode][value={mode}]')
-    page.fill("#prompt", prompt)
-    page.set_checked("#show-probs", probs)
-    page.click("#generate")
-    page.wait_for_selector("#output[data-done=true]")
-
-
 def test_page_shows_the_model_facts(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     assert page.inner_text("h1 code") == "openai-community/gpt2"
     assert page.inner_text("#f-params").startswith("124M")
     assert page.inner_text("#f-ctx") == "1,024 tokens"
@@ -156,7 +141,7 @@ def test_page_shows_the_model_facts(page_factory, server):
 
 
 def test_signup_shows_the_key_once_and_the_credit(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     page.click("#signup-btn")
     page.wait_for_selector("#new-key:not([hidden])")
     assert page.inner_text("#new-key-value") == KEY
@@ -177,7 +162,7 @@ def use_key(page):
 
 
 def test_streamed_completion_with_token_probabilities(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     use_key(page)
     generate(page, "Say hello", probs=True)
     assert page.eval_on_selector("#output", "e => e.textContent") == "".join(PIECES)
@@ -196,7 +181,7 @@ def test_streamed_completion_with_token_probabilities(page_factory, server):
 
 
 def test_output_streams_token_by_token(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     use_key(page)
     release.clear()
     page.fill("#prompt", "slow")
@@ -210,7 +195,7 @@ def test_output_streams_token_by_token(page_factory, server):
 
 
 def test_chat_mode(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     use_key(page)
     generate(page, "Hi there", probs=True, mode="chat")
     assert page.eval_on_selector("#output", "e => e.textContent") == "".join(PIECES)
@@ -229,7 +214,7 @@ def test_chat_mode(page_factory, server):
     ],
 )
 def test_errors_are_readable(page_factory, server, prompt, with_key, expected):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     if with_key:
         use_key(page)
     generate(page, prompt)
@@ -240,7 +225,7 @@ def test_errors_are_readable(page_factory, server, prompt, with_key, expected):
 
 
 def test_keyboard_only_generation_and_tabs(page_factory, server):
-    page = open_page(page_factory, server)
+    page = open_page(page_factory, server.url)
     use_key(page)
     page.fill("#prompt", "keyboard")
     page.focus("#seed")
@@ -255,6 +240,6 @@ def test_keyboard_only_generation_and_tabs(page_factory, server):
 
 
 def test_phone_width_has_no_horizontal_scroll(page_factory, server):
-    page = open_page(page_factory, server, PHONE)
+    page = open_page(page_factory, server.url, PHONE)
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"page is {overflow}px wider than a phone screen"

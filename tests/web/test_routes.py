@@ -185,3 +185,30 @@ def test_published_table_agrees_with_the_eval_package():
             ("ptb", "ppl"), ("enwik8", "bpb"), ("text8", "bpc"), ("wikitext103", "ppl"), ("1bw", "ppl")]
     for size, values in facts.PUBLISHED.items():
         assert [published.PUBLISHED[names[size]][k] for k in keys] == values
+
+
+def test_measured_numbers_from_gpt2serve_eval_output(tmp_path):
+    """The exact JSON `gpt2serve eval --output` writes (eval/cli.py), built with the eval package's own
+    table code; a random-weights run has accuracies near 0 %, which must not be read as fractions."""
+    from gpt2serve.eval.report import comparison_rows, markdown_table
+
+    results = {
+        "lambada": {"metrics": {"acc": 0.5, "ppl": 81234.5, "ppl_token": 50111.0}, "info": {"examples": 200},
+                    "timing": {}, "data": "lambada.jsonl", "limit": 200},
+        "wikitext2": {"metrics": {"nll": 1e6, "ppl_token": 50000.0, "ppl": 70000.25}, "info": {}, "timing": {},
+                      "data": "wiki.test.raw", "limit": 200},
+    }
+    rows = comparison_rows(results, "gpt2")
+    report = {"model": "random:gpt2", "backend": "engine", "api": None, "published_row": "gpt2", "limit": 200,
+              "seconds": 12.5, "tasks": results, "table": rows, "markdown": markdown_table(rows, "gpt2")}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(report))
+    info = page_info(make_app(eval_report=str(path)))
+    rows_by_task = {r["task"]: r for r in info["zero_shot"]["rows"]}
+    assert rows_by_task["lambada_acc"]["measured"] == 0.5
+    assert rows_by_task["lambada_ppl"]["measured"] == 81234.5
+    assert rows_by_task["wikitext2"]["measured"] == 70000.25
+    assert rows_by_task["lambada_acc"]["published_this"] == 45.99
+    assert info["zero_shot"]["report"] == {"path": "eval.json", "model": "random:gpt2", "backend": "engine",
+                                           "limit": 200, "random_weights": True}
+    assert info["zero_shot"]["measured_random_weights"] is True

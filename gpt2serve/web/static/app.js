@@ -45,7 +45,7 @@ function errorMessage(status, body, headers) {
   const msg = err.message || (typeof body === "string" ? body : "") || "";
   const code = err.code || err.type || "";
   if (status === 401) return "Your API key was not accepted (401). Sign up for a key above, or paste a valid one." + (msg ? " Server: " + msg : "");
-  if (status === 402) return "Out of credit (402): this key's credit is spent, so the request was not run." + (msg ? " Server: " + msg : "");
+  if (status === 402) return "Out of credit (402): this key has too little credit left for this request, so it was not run." + (msg ? " Server: " + msg : "");
   if (status === 429) {
     const after = headers && headers.get && headers.get("Retry-After");
     const what = code === "overloaded" ? "The server is busy (429)" : "Rate limit reached (429)";
@@ -120,7 +120,8 @@ function renderZeroShot(zs) {
   if (!zs.size) notes.push("This deployment is not one of the released GPT-2 shapes; the 124M numbers are shown for reference.");
   if (zs.report) {
     notes.push(`Measured here: from ${zs.report.path}` + (zs.report.model ? ` (model ${zs.report.model})` : "") + ".");
-    if (zs.measured_random_weights) notes.push("Those measurements were made with random weights, so they are not comparable.");
+    if (zs.report.limit) notes.push(`Only the first ${zs.report.limit} examples of each test set were used, so the numbers are not directly comparable.`);
+    if (zs.measured_random_weights) notes.push("Those measurements were made with random weights: they show the harness works, not GPT-2's quality.");
   } else {
     notes.push("No evaluation report on this server yet: run `gpt2serve eval --output report.json` and point the server's eval_report setting (GPT2SERVE_EVAL_REPORT) at it.");
   }
@@ -195,6 +196,8 @@ async function pollHealth() {
   try {
     const h = await api("/health");
     const ready = h.status === "ok";
+    // The page may have loaded while the model was loading: fetch its facts again once it is up.
+    if (ready && state.info && state.info.status.status !== "ok") loadInfo();
     box.className = "status " + (ready ? "ok" : "loading");
     const weights = h.random_weights ? "random weights (not the trained GPT-2: expect gibberish)" : "trained weights";
     $("status-text").textContent = ready
@@ -260,12 +263,14 @@ async function refreshAccount() {
   }
   try {
     const credits = await api("/v1/credits", { headers: authHeaders() });
-    const remaining = pick(credits, "remaining", "remaining_usd", "balance", "balance_usd");
-    const total = pick(credits, "total_credits");
-    const used = pick(credits, "total_usage");
-    const left = remaining != null ? remaining : total != null && used != null ? Number(total) - Number(used) : null;
-    out.textContent = `Remaining credit: ${fmtUsd(left)}` + (total != null ? ` of ${fmtUsd(total)}` : "") + (used != null ? ` · used ${fmtUsd(used)}` : "");
-    out.dataset.remaining = left == null ? "" : String(left);
+    // Exact integer micro-USD when the server gives them (gpt2serve does), else OpenRouter's USD numbers.
+    const cm = pick(credits, "total_credits_micros"), um = pick(credits, "total_usage_micros");
+    let total = pick(credits, "total_credits"), used = pick(credits, "total_usage"), leftMicros = null;
+    if (cm != null && um != null) { leftMicros = cm - um; total = cm / 1e6; used = um / 1e6; }
+    else if (total != null && used != null) leftMicros = Math.round((Number(total) - Number(used)) * 1e6);
+    out.textContent = `Remaining credit: ${fmtUsd(leftMicros == null ? null : leftMicros / 1e6)}` +
+      (total != null ? ` of ${fmtUsd(total)}` : "") + (used != null ? ` · used ${fmtUsd(used)}` : "");
+    out.dataset.remainingMicros = leftMicros == null ? "" : String(leftMicros);
   } catch (e) {
     out.textContent = e.message;
   }
@@ -310,7 +315,8 @@ function formValues() {
 }
 
 function requestBody(f) {
-  const body = { model: state.info ? state.info.model.id : "gpt2", max_tokens: f.max_tokens, temperature: f.temperature, top_p: f.top_p, stream: true };
+  const body = { model: state.info ? state.info.model.id : "gpt2", max_tokens: f.max_tokens, temperature: f.temperature, top_p: f.top_p,
+                 stream: true, stream_options: { include_usage: true } };
   if (f.top_k) body.top_k = f.top_k;  // an extension (vLLM's); OpenAI has no top_k
   if (f.seed != null) body.seed = f.seed;
   if (f.stop.length) body.stop = f.stop;
@@ -436,7 +442,8 @@ async function generate(ev) {
       }
     }
     const n = usage ? usage.completion_tokens : ntok || null;
-    $("pg-meta").textContent = [finish && `finish: ${finish}`, n != null && `${n} tokens`, id].filter(Boolean).join(" · ");
+    const cost = usage && usage.cost != null ? `cost ${fmtUsd(usage.cost)}` : null;
+    $("pg-meta").textContent = [finish && `finish: ${finish}`, n != null && `${n} tokens`, cost, id].filter(Boolean).join(" · ");
   } catch (e) {
     if (e.name === "AbortError") $("pg-meta").textContent = "Stopped.";
     else { showError(e instanceof TypeError ? "Could not reach the server: " + e.message : e.message); $("pg-meta").textContent = ""; }
@@ -485,6 +492,10 @@ async function main() {
   pollHealth();
   setInterval(() => { if (!document.hidden) pollHealth(); }, 5000);
   refreshAccount();
+  await loadInfo();
+}
+
+async function loadInfo() {
   try {
     state.info = await api("/v1/page-info");
     renderInfo(state.info);
