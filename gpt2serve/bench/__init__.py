@@ -1,0 +1,1 @@
+"""Benchmarks: offline engine, HTTP load, peer engines, and this machine's ceilings."""
