@@ -204,8 +204,9 @@ async function pollHealth() {
       ? `Model ${h.model} loaded · ${weights} · queue: ${fmtInt(h.running)} running, ${fmtInt(h.waiting)} waiting`
       : `Model ${h.model || ""} loading…`;
   } catch (e) {
-    box.className = "status down";
-    $("status-text").textContent = e.status === 503 ? "Model loading…" : "Server unreachable";
+    // /health answers 503 while the model loads (and "failed" if it could not).
+    box.className = "status " + (e.status === 503 ? "loading" : "down");
+    $("status-text").textContent = e.status === 503 ? "Model not ready yet (loading, or it failed to load)" : "Server unreachable";
   }
 }
 
