@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import re
 
-# " 's" " 're" " 've" " 'll" " 'd" " 'm" " n't" -> attached to the previous word.
-_CONTRACTION = re.compile(r" (n't|'(?:s|re|ve|ll|d|m))(?=\s|$)", re.IGNORECASE)
+# " 's" " 're" " 've" " 'll" " 'd" " 'm" " n't" " 't" -> attached to the previous word.
+# WikiText splits "don 't", PTB/CBT/1BW "do n't": both end up "don't".
+_CONTRACTION = re.compile(r" (n't|'(?:s|re|ve|ll|d|m|t))(?=\s|$)", re.IGNORECASE)
 # Plural possessive: "players ' union" -> "players' union" (a standalone ' after a word ending in s).
 _PLURAL_POSSESSIVE = re.compile(r"(?<=s) '(?=\s)")
 
@@ -60,7 +61,7 @@ def wikitext(s: str) -> str:
     s = _pair(s, "{", "}")
     s = _pair(s, '"', '"')
     # single quotes: only a pair of standalone ' tokens is a quotation
-    s = re.sub(r"(^|[ \n])' ([^'\n]*?) '(?=[ \n]|$)", r"\1'\2'", s)
+    s = re.sub(r"(^|[ \n])' ([^'\n]*?) '(?=[ \n.,;:!?)\]]|$)", r"\1'\2'", s)
     # section headings: " = = Career = = " -> "== Career =="
     s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
     s = s.replace(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")
