@@ -8,6 +8,7 @@ Override the admin URL with GPT2SERVE_TEST_POSTGRES_URL.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -43,8 +44,17 @@ def pg_admin_url() -> str:
 def pg_url(pg_admin_url: str):
     name = "gpt2serve_test_" + uuid.uuid4().hex[:12]
     admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    # template0: nobody may connect to it, so concurrent test runs (other engineers, CI) never
+    # hit "source database template1 is being accessed by other users".
+    for attempt in range(5):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     try:
         yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     finally:

@@ -67,6 +67,7 @@ def test_sigkill_with_requests_in_flight_then_recover(store, db_url):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert len(reserved) > len(reported)  # killed with reservations held
 

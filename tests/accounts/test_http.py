@@ -179,19 +179,26 @@ def test_openai_client_raises_matching_exceptions(store, live_server):
     key, _ = new_key(store, 1_000)
     broke, _ = new_key(store, 0)
 
+    clients: list[openai.OpenAI] = []
+
     def make(api_key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=live_server, api_key=api_key, max_retries=0)
+        clients.append(openai.OpenAI(base_url=live_server, api_key=api_key, max_retries=0))
+        return clients[-1]
 
-    with pytest.raises(openai.AuthenticationError) as e:
-        make("sk-" + "1" * 48).completions.create(model="gpt2", prompt="hi", max_tokens=2)
-    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            make("sk-" + "1" * 48).completions.create(model="gpt2", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
 
-    with pytest.raises(openai.APIStatusError) as e:
-        make(broke).completions.create(model="gpt2", prompt="hi", max_tokens=2)
-    assert e.value.status_code == 402 and e.value.code == "insufficient_quota"
+        with pytest.raises(openai.APIStatusError) as e:
+            make(broke).completions.create(model="gpt2", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 402 and e.value.code == "insufficient_quota"
 
-    ok = make(key).completions.create(model="gpt2", prompt="hi there", max_tokens=3)
-    assert ok.usage.completion_tokens == 3 and ok.usage.model_extra["cost"] == pytest.approx(8e-6)
-    with pytest.raises(openai.RateLimitError) as e:  # rpm=1
-        make(key).completions.create(model="gpt2", prompt="hi", max_tokens=2)
-    assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
+        ok = make(key).completions.create(model="gpt2", prompt="hi there", max_tokens=3)
+        assert ok.usage.completion_tokens == 3 and ok.usage.model_extra["cost"] == pytest.approx(8e-6)
+        with pytest.raises(openai.RateLimitError) as e:  # rpm=1
+            make(key).completions.create(model="gpt2", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
+    finally:
+        for c in clients:
+            c.close()

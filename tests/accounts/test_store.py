@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, select
 
 from gpt2serve.accounts import keys as keylib
-from gpt2serve.accounts.migrations import current
+from gpt2serve.accounts.migrations import config, current
 from gpt2serve.accounts.models import Base
 from gpt2serve.accounts.store import AccountStore, InsufficientCredit, KeyRevoked, SignupLimited
 
@@ -35,6 +36,10 @@ def test_migrate_creates_schema_and_is_idempotent(store):
     assert {"accounts", "api_keys", "ledger_entries", "reservations", "generations"} <= tables
     assert current(store.engine) == "0001"
     store.migrate()  # a second start-up upgrades nothing and fails nothing
+    assert current(store.engine) == "0001"
+    command.downgrade(config(store.engine), "base")  # the migration is reversible
+    assert "accounts" not in inspect(store.engine).get_table_names()
+    store.migrate()
     assert current(store.engine) == "0001"
 
 
