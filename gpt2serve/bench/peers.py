@@ -467,9 +467,10 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {versions.get(engine) or engine} | {dtype} | " + " | ".join(out) + " |")
     ceils = report.get("ceilings")
     if ceils:
+        bw = report.get("hardware", {}).get("bandwidth", {}).get("read_gbs")
         lines += ["", "## Hardware ceilings (this run)", "",
-                  f"Memory bandwidth {report['hardware']['bandwidth']['read_gbs']:.1f} GB/s read; "
-                  "batch 1 = bandwidth / weight bytes per token, batched and prefill = matmul rate at that many rows "
+                  (f"Memory bandwidth {bw:.1f} GB/s read; " if bw else "")
+                  + "batch 1 = bandwidth / weight bytes per token, batched and prefill = matmul rate at that many rows "
                   "/ FLOPs per token (`gpt2serve.bench.hardware`).", "",
                   "| dtype | " + " | ".join(label[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         for klass, c in ceils.items():

@@ -1,0 +1,39 @@
+"""The peers script, --quick, restricted to transformers and ours on a tiny config: one real run."""
+
+from __future__ import annotations
+
+import json
+
+from gpt2serve.bench import peers
+
+from .conftest import TINY
+
+
+def test_peers_quick_transformers_and_ours(tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    rc = peers.main(["--quick", "--engines", "transformers,ours", "--dtypes", "transformers:float32,ours:float32,ours:bfloat16",
+                     "--config", json.dumps(TINY), "--batches", "1,2", "--new-tokens", "4", "--prefill-len", "16",
+                     "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "peers.md")])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["n_layer"] == 2 and report["workload"]["new_tokens"] == 4
+    assert {e["engine"]: e["errors"] for e in report["engines"]} == {"transformers": {}, "ours": {}}
+    got = {(r["engine"], r["dtype"], r["metric"]) for r in report["results"]}
+    for eng, dt in (("transformers", "float32"), ("ours", "float32"), ("ours", "bfloat16")):
+        assert {(eng, dt, m) for m in ("prefill_16", "decode_b1", "decode_b2")} <= got
+    for r in report["results"]:
+        assert r["tok_s"] > 0
+        if r["metric"].startswith("decode_b"):
+            assert r["tokens"] == 4 * int(r["metric"][len("decode_b"):])
+        if r["engine"] == "transformers":
+            assert r["ratio_to_ours"] > 0
+    # same weights, same prompt: our fp32 greedy tokens match transformers'
+    ours32 = next(r for r in report["results"] if r["engine"] == "ours" and r["dtype"] == "float32" and r["metric"] == "decode_b1")
+    assert ours32["agree_with_hf_fp32"] == 4
+    # hardware measured in the same run, ceilings for every class and figure
+    assert report["hardware"]["bandwidth"]["read_gbs"] > 0
+    assert set(report["ceilings"]["float32"]) == {"decode_b1", "decode_b2", "prefill_16"}
+    assert {(s["class"], s["metric"]) for s in report["summary"]} >= {("float32", "decode_b1"), ("bfloat16", "decode_b2")}
+    md = (tmp_path / "peers.md").read_text()
+    assert "ours / best peer" in md and "Hardware ceilings" in md
+    assert md.strip() in capsys.readouterr().out
