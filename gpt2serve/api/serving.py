@@ -373,26 +373,24 @@ class OpenAIServing:
             body = self._stream_body(gen, reservation, render_stream, endpoint)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
 
-        cancelled = failed = False
+        outcome = "ok"
         try:
-            done = await self._collect_unless_disconnected(raw, gen)
-            if not done:
-                cancelled = True
-                self._outcome(endpoint, "cancelled")
+            if not await self._collect_unless_disconnected(raw, gen):
+                outcome = "cancelled"
                 return Response(status_code=499)  # nobody reads it: the client is gone
             cost = await self.settle(reservation, gen, streamed=False, cancelled=False, failed=False)
-            self._outcome(endpoint, "ok")
             return JSONResponse(render_full(gen, self.usage(gen, cost)).model_dump(mode="json"), headers=headers)
         except asyncio.CancelledError:
-            cancelled = True
+            outcome = "cancelled"
             raise
         except Exception as e:
-            failed = True
-            self._outcome(endpoint, "error")
+            outcome = "error"
             raise map_engine_error(e, endpoint) from None
         finally:
             await gen.close()
-            await self.settle(reservation, gen, streamed=False, cancelled=cancelled, failed=failed)
+            await self.settle(reservation, gen, streamed=False, cancelled=outcome == "cancelled",
+                              failed=outcome == "error")
+            self._outcome(endpoint, outcome)
 
     async def _abandon(self, reservation, gen: Generation, endpoint: str, cancelled: bool) -> None:
         await gen.close()
@@ -449,7 +447,7 @@ class OpenAIServing:
         return False
 
     async def _stream_body(self, gen: Generation, reservation, render_stream, endpoint: str):
-        cancelled = failed = False
+        outcome = "ok"
         try:
             async for chunk in render_stream(gen):
                 if isinstance(chunk, _UsageChunk):
@@ -458,20 +456,17 @@ class OpenAIServing:
                     cost = await self.settle(reservation, gen, streamed=True, cancelled=False, failed=False)
                     chunk = chunk.render(cost)
                 yield chunk
-            self._outcome(endpoint, "ok")
         except (asyncio.CancelledError, GeneratorExit):
-            cancelled = True
-            self._outcome(endpoint, "cancelled")
+            outcome = "cancelled"
             raise
         except Exception as e:
-            failed = True
-            self._outcome(endpoint, "error")
-            err = map_engine_error(e, endpoint)
-            yield sse(json.dumps(err.body()))
+            outcome = "error"
+            yield sse(json.dumps(map_engine_error(e, endpoint).body()))
             yield DONE
         finally:
             await gen.close()
-            await self.settle(reservation, gen, streamed=True, cancelled=cancelled, failed=failed)
+            await self.settle(reservation, gen, streamed=True, cancelled=outcome == "cancelled", failed=outcome == "error")
+            self._outcome(endpoint, outcome)  # last: a request counted is a request settled
 
     # -- /v1/completions -----------------------------------------------------------------------
 
