@@ -204,9 +204,11 @@ def test_hub_id_offline_and_not_cached(tmp_path, offline):
     assert issubclass(ModelNotAvailable, CheckpointError) and issubclass(CheckpointError, ValueError)
 
 
-def test_missing_local_path():
+def test_missing_local_path(tiny_dir):
     with pytest.raises(CheckpointError, match="no such model folder"):
         load_model("./no/such/folder")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a folder"):
+        load_model(str(tiny_dir / "model.safetensors"))
 
 
 # -- damaged checkpoints: the error names the file and the key ---------------------------------------
@@ -336,3 +338,5 @@ def test_model_built_by_loader_has_no_meta_tensors(tiny_dir):
     lm = load_model(str(tiny_dir))
     assert isinstance(lm.model, GPT2LMHeadModel)
     assert all(p.device.type == "cpu" and not p.requires_grad for p in lm.model.parameters())
+    # the loader builds on the meta device and assigns the checkpoint's tensors: a buffer would stay empty
+    assert all(not t.is_meta for t in list(lm.model.parameters()) + list(lm.model.buffers()))
