@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt2serve eval", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one or more of: {', '.join(TASKS)}, or all")
-    p.add_argument("--model", required=True,
-                   help="model to load (folder, Hub id, random:<id>); with --api, the model name sent to the server")
+    p.add_argument("--model",
+                   help="model to load (folder, Hub id, random:<id>); with --api, the model name sent to the server "
+                        "(default there: the first of its /v1/models)")
     p.add_argument("--data", metavar="DIR", help=f"evaluation data folder (else ${data.ENV_VAR}, else ../shared/data/eval)")
     p.add_argument("--limit", type=int, help="first N examples (lambada, cbt), lines (wikitext, ptb, 1bw, enwik8) or words (text8)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON")
@@ -80,7 +81,10 @@ def evaluate(tasks: list[str], scorer: Scorer, tok=None, data_dir=None, limit: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model and not args.api:
+        parser.error("--model is required (or --api URL)")
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -104,14 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                            stride=args.stride, batch_size=args.batch_size, progress=not args.no_progress)
     finally:
         scorer.close()
-    size = args.published or published_size_for(args.model, getattr(scorer, "shape", None))
+    model_name = getattr(scorer, "model", None) if args.api else args.model
+    size = args.published or published_size_for(model_name or "", getattr(scorer, "shape", None))
     rows = comparison_rows(results, size)
     table = markdown_table(rows, size)
     print(table)
     if args.limit is not None:
         print(f"\n(--limit {args.limit}: a slice of each test set; not comparable with the published numbers)")
     if args.output:
-        out = {"model": args.model, "backend": "api" if args.api else args.backend, "api": args.api,
+        out = {"model": model_name, "backend": "api" if args.api else args.backend, "api": args.api,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "dtype": None if args.api else args.dtype, "device": None if args.api else args.device,
                "published_row": size, "limit": args.limit, "seconds": round(time.time() - t0, 2),

@@ -225,8 +225,9 @@ class ApiScorer:
     in flight at once; 429/5xx are retried with backoff (Retry-After honoured).
     """
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, max_length: int = 1024,
-                 prompts_per_request: int = 8, concurrency: int = 4, timeout: float = 600.0, retries: int = 5):
+    def __init__(self, url: str, model: str | None, api_key: str | None = None, max_length: int = 1024,
+                 prompts_per_request: int = 8, concurrency: int = 4, timeout: float = 600.0, retries: int = 5,
+                 transport=None):
         import httpx
 
         base = url.rstrip("/")
@@ -238,8 +239,8 @@ class ApiScorer:
             self.endpoint = base + "/v1/completions"
         key = api_key or os.environ.get("GPT2SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(headers=headers, timeout=timeout)
-        self.model = model
+        self.client = httpx.Client(headers=headers, timeout=timeout, transport=transport)
+        self.model = model or self._served_model()
         self.max_length = max_length
         self.shape = None
         self.prompts_per_request = prompts_per_request
@@ -247,6 +248,14 @@ class ApiScorer:
         self.retries = retries
         self.max_tokens = 0  # becomes 1 if the server refuses 0
         self.pool = cf.ThreadPoolExecutor(max_workers=concurrency)
+
+    def _served_model(self) -> str:
+        """The first id of GET /v1/models, when no model name is given."""
+        url = self.endpoint.rsplit("/completions", 1)[0] + "/models"
+        r = self.client.get(url)
+        if r.status_code != 200 or not r.json().get("data"):
+            raise ApiError(f"no --model given and {url} answered {r.status_code}: {r.text[:300]}")
+        return r.json()["data"][0]["id"]
 
     def _post(self, prompts: list[list[int]]) -> dict:
         for attempt in range(self.retries + 1):
