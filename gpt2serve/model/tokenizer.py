@@ -195,7 +195,8 @@ class Tokenizer:
             raise ValueError(f"token id {bad} is out of range [0, {self.vocab_size})")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = ids if isinstance(ids, list) else list(ids)
+        if not isinstance(ids, list):
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors, arrays: plain ints
         self._check(ids)
         return b"".join([self._bytes[i] for i in ids])
 

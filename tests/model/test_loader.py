@@ -14,20 +14,9 @@ from safetensors.torch import load_file, save_file
 from gpt2serve.model.gpt2 import GPT2LMHeadModel
 from gpt2serve.model.loader import CheckpointError, ModelNotAvailable, load_model
 from gpt2serve.model.tokenizer import Tokenizer
-from tests.model.conftest import forward_logits
+from .helpers import forward_logits, randomize
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random, biases and LayerNorms included (HF's init zeroes the biases, which
-    would hide a bias loaded into the wrong place)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if ".ln_" in name and name.endswith("weight") else 0.05 * noise)
-    return model
 
 
 def hf_model(**cfg) -> transformers.GPT2LMHeadModel:

@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 
 from gpt2serve.model.gpt2 import FAMILY, GPT2Config, GPT2LMHeadModel
 from gpt2serve.model.loader import load_model
-from tests.model.conftest import forward_logits
-from tests.model.test_loader import randomize
+from .helpers import forward_logits, randomize
 
 
 def _hf(folder) -> transformers.GPT2LMHeadModel:

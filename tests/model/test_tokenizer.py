@@ -7,11 +7,12 @@ import shutil
 from functools import lru_cache
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 from gpt2serve.model.tokenizer import PACKAGED_DIR, IncrementalDetokenizer, Tokenizer, TokenizerError
-from tests.model.conftest import SHARED_DATA
+from .helpers import shared_data_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_basics(tok):
     assert tok.encode("") == [] and tok.decode([]) == ""
     assert tok.token_bytes(50256) == b"<|endoftext|>"
     assert tok.token_str(15496) == "Hello"
+    assert tok.decode(torch.tensor([15496, 995])) == tok.decode((15496, 995)) == "Hello world"
     assert Tokenizer.default() is tok  # built once per process
 
 
@@ -147,9 +149,7 @@ def test_ids_equal_tokenizers_on_arbitrary_unicode(s):
 @lru_cache(maxsize=1)
 def _hf_ref() -> HFTokenizer:
     # hypothesis tests cannot take function-scoped fixtures
-    if not (SHARED_DATA / "gpt2-tokenizer" / "tokenizer.json").is_file():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (expected ../shared/data next to the repo root)")
-    return HFTokenizer.from_file(str(SHARED_DATA / "gpt2-tokenizer" / "tokenizer.json"))
+    return HFTokenizer.from_file(str(shared_data_or_fail() / "gpt2-tokenizer" / "tokenizer.json"))
 
 
 def test_token_ids_out_of_range(tok):
