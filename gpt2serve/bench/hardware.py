@@ -236,7 +236,9 @@ def ceilings(
     step streams the weights once plus each sequence's KV cache at the mean context
     (prompt_len + new_tokens / 2). Batch 1 and batch sizes without a matmul measurement at M rows
     get only the bandwidth bound (a 1-row matmul is itself bandwidth-bound, and torch's kernels for
-    it are far from the roof, e.g. `_int_mm` at 1 row: that is a kernel limit, not the machine's). prefill_T = T / (matmul time of the blocks at T rows + lm_head at 1 row).
+    it are far from the roof, e.g. `_int_mm` at 1 row: that is a kernel limit, not the machine's).
+    prefill_T = T / (matmul time of the blocks at T rows + the lm_head's weight read): the prompt's
+    last token is the only row through the lm_head, and a 1-row matmul is bound by its weight bytes.
     """
     cost = cost or ModelCost()
     ctx = prompt_len + new_tokens / 2
@@ -253,10 +255,11 @@ def ceilings(
                 t *= cost.decode_flops_per_token(ctx) / (2 * cost.matmul_params())
                 bound = min(bound, m / t)
             c[f"decode_b{m}"] = bound
-        if str(prefill_len) in prof.matmul[dtype] and "1" in prof.matmul[dtype]:
+        if str(prefill_len) in prof.matmul[dtype]:
             t_blocks = prof.step_seconds(dtype, prefill_len, cost, lm_head=False)
             t_blocks *= 1 + cost.attention_flops((prefill_len + 1) / 2) / (2 * cost.matmul_params(lm_head=False))
-            t_head = prof.matmul[dtype]["1"][f"{cost.n_embd}x{cost.vocab_size}"]["seconds"]
+            # the last token's lm_head is a 1-row matmul: bound by reading its weight once
+            t_head = cost.n_embd * cost.vocab_size * BYTES_PER_WEIGHT[dtype] / bw
             c[f"prefill_{prefill_len}"] = prefill_len / (t_blocks + t_head)
         out[dtype] = c
     return out

@@ -65,6 +65,12 @@ def make_checkpoint(out_dir: str | Path, seed: int = 0, **config_overrides) -> P
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**config_overrides)).eval()
     model.save_pretrained(out)
+    # the Hub's gpt2 config.json carries the legacy "n_ctx" (= n_positions), which llama.cpp's GGUF
+    # converter reads; transformers 5 no longer writes it
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("n_ctx", cfg["n_positions"])
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, out / name)
     return out
@@ -136,18 +142,34 @@ class CTranslate2Runner:
         return f"ctranslate2 {ctranslate2.__version__}"
 
 
-def _gguf_converter() -> Path:
-    """convert_hf_to_gguf.py: from GPT2SERVE_GGUF_CONVERTER, or a llama.cpp / llama-cpp-python source tree."""
+def _gguf_converter(work_dir: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py: $GPT2SERVE_GGUF_CONVERTER, else from the sdist of the installed
+    llama-cpp-python (the converter ships in its source, not in its wheel), fetched with pip."""
     env = os.environ.get("GPT2SERVE_GGUF_CONVERTER")
-    candidates = [Path(env)] if env else []
-    candidates += [Path("/tmp/llama.cpp/convert_hf_to_gguf.py"), Path("/tmp/llcpp_src/llama.cpp/convert_hf_to_gguf.py")]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise RuntimeError(
-        "GGUF converter not found: set GPT2SERVE_GGUF_CONVERTER to llama.cpp's convert_hf_to_gguf.py "
-        "(it is in the llama-cpp-python sdist under vendor/llama.cpp/)"
-    )
+    if env:
+        if not Path(env).is_file():
+            raise RuntimeError(f"GPT2SERVE_GGUF_CONVERTER={env} is not a file")
+        return Path(env)
+    import tarfile
+
+    import llama_cpp
+
+    found = sorted(work_dir.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return found[0]
+    dl = work_dir / "sdist"
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
+                        f"llama-cpp-python=={llama_cpp.__version__}"], capture_output=True, text=True)
+    sdists = sorted(dl.glob("llama_cpp_python-*.tar.gz"))
+    if r.returncode != 0 or not sdists:
+        raise RuntimeError("GGUF converter not found: set GPT2SERVE_GGUF_CONVERTER to llama.cpp's "
+                           f"convert_hf_to_gguf.py (pip download failed: {r.stderr[-300:]})")
+    with tarfile.open(sdists[0]) as tf:
+        # the converter, the `conversion` package beside it, and the gguf-py version it was written against
+        members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name and (
+            m.name.endswith(".py") or "/gguf-py/" in m.name or "/conversion/" in m.name)]
+        tf.extractall(work_dir, members=members, filter="data")
+    return next(work_dir.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
 
 
 class LlamaCppRunner:
@@ -165,7 +187,7 @@ class LlamaCppRunner:
         self.threads = threads
         gguf = work_dir / f"model-{dtype}.gguf"
         if not gguf.exists():
-            conv = _gguf_converter()
+            conv = _gguf_converter(work_dir)
             env = dict(os.environ)
             gguf_py = conv.parent / "gguf-py"
             if gguf_py.is_dir():  # the converter's own gguf package, matching its version
@@ -228,11 +250,11 @@ class LlamaCppRunner:
                     batch.logits[j] = i == L - 1
             if ll.llama_decode(ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed in prefill")
-            rows = [s * L + L - 1 for s in range(B)]
             out: list[list[int]] = [[] for _ in range(B)]
             for step in range(n):
-                logits = np.ctypeslib.as_array(ll.llama_get_logits(ctx), shape=(B * L if step == 0 else B, self.n_vocab))
-                picks = logits[rows].argmax(axis=1) if step == 0 else logits.argmax(axis=1)
+                # llama.cpp keeps logits only for the tokens flagged in the batch, in batch order: (B, vocab)
+                logits = np.ctypeslib.as_array(ll.llama_get_logits(ctx), shape=(B, self.n_vocab))
+                picks = logits.argmax(axis=1)
                 for s in range(B):
                     out[s].append(int(picks[s]))
                 if step == n - 1:
@@ -264,7 +286,7 @@ class OursRunner:
         from gpt2serve.engine.sampling import SamplingParams
 
         self.SamplingParams = SamplingParams
-        self.llm = LLM(model=str(model_dir), dtype=dtype)
+        self.llm = LLM(model=str(model_dir), dtype=dtype, threads=threads)
 
     def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         params = self.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
