@@ -427,7 +427,14 @@ def summarize(report: dict) -> dict:
             best_peer[k] = r
     summary = []
     ceils = report.get("ceilings", {})
-    for (klass, metric), tok_s in sorted(ours.items()):
+    class_order = {c: i for i, c in enumerate(CLASS_LABEL)}
+
+    def order(item):  # fp32, 16-bit, int8; prefill, then batches in increasing size
+        (klass, metric), _ = item
+        size = int(metric.rsplit("_", 1)[1].lstrip("b")) if metric.startswith("decode_b") else -1
+        return class_order.get(klass, 99), size
+
+    for (klass, metric), tok_s in sorted(ours.items(), key=order):
         bp = best_peer.get((klass, metric))
         ceil = ceils.get(klass, {}).get(metric)
         summary.append({
