@@ -110,12 +110,17 @@ def plot(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in sorted({r["prompt_len"] for r in report["results"]}):
         rs = [r for r in report["results"] if r["prompt_len"] == p]
         ax.plot([r["batch"] for r in rs], [r["output_tok_s"] for r in rs], marker="o", label=f"prompt {p}")
     ax.set_xscale("log", base=2)
+    xs = sorted({r["batch"] for r in report["results"]})
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("batch size")
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"gpt2serve offline ({report['dtype']}, {report['threads']} threads)")

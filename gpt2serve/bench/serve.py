@@ -270,6 +270,7 @@ def plot(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     lv = report["levels"]
     xs = [x["concurrency"] for x in lv]
@@ -290,8 +291,14 @@ def plot(report: dict, path: str) -> None:
     b.set_ylabel("ms")
     b.set_title("latency")
     b.legend(fontsize=8)
+    a.set_ylim(bottom=0)
+    # plain numbers on the log latency axis: 1, 2, 5, 10, 20, 50 ... ms
+    b.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    b.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     for ax in (a, b):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"gpt2serve serve: {report['model']}, prompt {report['prompt_len']}, {report['max_tokens']} new tokens")
     fig.tight_layout()
