@@ -371,7 +371,15 @@ class OpenAIServing:
                 await self._abandon(reservation, gen, endpoint, cancelled=True)
                 raise
             body = self._stream_body(gen, reservation, render_stream, endpoint)
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
+
+            async def unstarted() -> None:
+                # The client left before the body generator ran (its finally never will): clean up here.
+                if gen.cost is None:
+                    await gen.close()
+                    await self.settle(reservation, gen, streamed=True, cancelled=True, failed=False)
+                    self._outcome(endpoint, "cancelled")
+
+            return SSEResponse(body, unstarted, headers=headers)
 
         outcome = "ok"
         try:
@@ -671,6 +679,24 @@ class _UsageChunk:
         c = self.cls(id=self.gen.response_id, created=self.created, model=self.serving.ctx.model_name, choices=[],
                      usage=self.serving.usage(self.gen, cost))
         return sse(c.model_dump_json())
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always runs `on_exit`: if the client disconnects before the body
+    generator starts, Starlette cancels it unstarted and the generator's own cleanup never runs."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body, on_exit, headers: dict[str, str]):
+        super().__init__(body, headers=headers | {"Cache-Control": "no-cache"})
+        self.on_exit = on_exit
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.on_exit()
 
 
 def context_error(prompt_tokens: int, max_tokens: int, limit: int, param: str) -> APIError:

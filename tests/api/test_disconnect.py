@@ -96,3 +96,29 @@ def test_non_streaming_client_disconnects(tiny_model_dir, tmp_path):
         assert idle(stats), stats
         assert requests_metric(s.url, "completions", "cancelled", want=3) == 3
         assert requests_metric(s.url, "completions", "ok") == 0
+
+
+def test_stream_client_leaves_before_first_token(tiny_model_dir, tmp_path):
+    """The client goes while the server still waits for the first output (before any byte of the
+    response is sent): the request is still aborted, settled and counted."""
+    from gpt2serve.api.app import default_engine
+
+    from .test_streaming import SlowStart
+
+    app = create_app(make_settings(tmp_path, tiny_model_dir, keepalive_seconds=30),
+                     make_engine=lambda loaded, st: SlowStart(default_engine(loaded, st), 1.0))
+    with LiveServer(app) as s:
+        body = {"model": s.ctx.model_name, "prompt": "Hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+        async def main() -> None:
+            async with httpx.AsyncClient(timeout=120) as client:
+                task = asyncio.create_task(client.post(s.url + "/v1/completions", json=body))
+                await asyncio.sleep(0.2)  # well inside the 1 s before the engine's first output
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(main())
+        assert requests_metric(s.url, "completions", "cancelled", want=1) == 1
+        stats = wait_idle(s.ctx)
+        assert idle(stats), stats
+        assert requests_metric(s.url, "completions", "ok") == 0
