@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable
 
 import anyio.to_thread
-from fastapi import APIRouter, Body, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST

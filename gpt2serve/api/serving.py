@@ -22,13 +22,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gpt2serve.api import protocol as P
-from gpt2serve.api.errors import APIError, invalid, not_found
+from gpt2serve.api.errors import APIError, invalid, not_found, rate_limited
 from gpt2serve.api.metrics import Metrics, RequestTimer
 from gpt2serve.api.settings import Settings
+from gpt2serve.engine import ContextLengthExceeded, EngineOverloaded
 from gpt2serve.engine.outputs import RequestOutput, TokenLogprob
 from gpt2serve.engine.sampling import ParamError, SamplingParams
-
-from gpt2serve.engine import ContextLengthExceeded, EngineOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -713,8 +712,6 @@ def map_engine_error(e: BaseException, endpoint: str = "completions") -> APIErro
         return e
     if isinstance(e, EngineOverloaded):
         retry = float(getattr(e, "retry_after", 1.0) or 1.0)
-        from gpt2serve.api.errors import rate_limited
-
         return rate_limited("The server is overloaded (its request queue is full); retry shortly.", retry, type="overloaded")
     if isinstance(e, ContextLengthExceeded):
         return context_error(e.prompt_tokens, e.max_tokens, e.limit, "messages" if endpoint == "chat" else "max_tokens")
