@@ -181,8 +181,12 @@ class LlamaCppRunner:
     """
 
     def __init__(self, model_dir: Path, dtype: str, threads: int, work_dir: Path):
+        import logging
+
         import llama_cpp
 
+        # llama-cpp-python routes llama.cpp's log through this logger: keep load-time chatter out of the report
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         self.ll = llama_cpp
         self.threads = threads
         gguf = work_dir / f"model-{dtype}.gguf"
@@ -349,7 +353,7 @@ def measure_engine(engine: str, dtypes: list[str], model_dir: Path, work_dir: Pa
                 log(f"{engine} {dtype} {metric}: {tok_s:.1f} tok/s")
 
             if prefill_prompt:
-                runner.generate([prefill_prompt[0][:64]], 2)  # warm-up
+                runner.generate(prefill_prompt, 1)  # warm-up at the same shape (lazy init, compiled shapes)
                 secs, out = _best_time(lambda: runner.generate(prefill_prompt, 1), wl.repeats)
                 record(f"prefill_{wl.prefill_len}", wl.prefill_len / secs, secs, wl.prefill_len, out[0][:1])
             for b in wl.batches:
@@ -532,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=512, help="0 skips the prefill figure")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per figure (best kept)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure, best kept (default 1; 2 with --quick)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", help="use this checkpoint folder instead of building the random 124M one")
@@ -574,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             args.new_tokens = 32
         if args.prefill_len == defaults["prefill_len"]:
             args.prefill_len = 128
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 1  # short quick runs are noisier on a shared machine
     engines = _csv(args.engines)
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
