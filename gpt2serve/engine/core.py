@@ -95,7 +95,7 @@ class Engine:
         self.eos = loaded.tokenizer.eos_token_id
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        model = loaded.model
+        model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8")
         device = next(model.parameters()).device
         kv_dtype = next(model.parameters()).dtype
         if kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
