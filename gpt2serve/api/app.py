@@ -232,8 +232,10 @@ def build_router() -> APIRouter:
         s = serving(request)
         s.ready()
         s.check_model(body.model)
-        text = body.prompt if body.prompt is not None else P.render_chat(body.messages or [])
-        ids = s.tokenizer.encode(text)
+        if body.prompt is not None:
+            ids = encode_with_specials(s.tokenizer, body.prompt)
+        else:  # exactly the prompt /v1/chat/completions builds
+            ids = s.tokenizer.encode(P.render_chat(body.messages or []))
         return P.TokenizeResponse(count=len(ids), max_model_len=s.context_length, tokens=ids)
 
     @router.post("/detokenize", response_model=P.DetokenizeResponse, responses=ERRORS, tags=["tokenizer"])
@@ -248,18 +250,26 @@ def build_router() -> APIRouter:
         s = serving(request)
         s.ready()
         tok = s.tokenizer
+        # vLLM's fields first (lm-eval's remote tokenizer reads eos_token, bos_token, chat_template)
         return {
-            "tokenizer": "gpt2 byte-level BPE",
+            "tokenizer_class": "GPT2TokenizerFast",
+            "eos_token": ENDOFTEXT,
+            "bos_token": ENDOFTEXT,  # GPT-2 uses <|endoftext|> for both
+            "pad_token": None,
+            "model_max_length": s.context_length,
+            "chat_template": P.CHAT_TEMPLATE_JINJA,
             "vocab_size": tok.vocab_size,
             "eos_token_id": tok.eos_token_id,
-            "eos_token": "<|endoftext|>",
-            "bos_token_id": tok.eos_token_id,  # GPT-2 uses <|endoftext|> for both
-            "model_max_length": s.context_length,
-            "empty_prompt": "an empty prompt string is scored as <|endoftext|>",
-            "chat_template": P.CHAT_TEMPLATE_DOC,
+            "bos_token_id": tok.eos_token_id,
+            "chat_template_doc": P.CHAT_TEMPLATE_DOC,
             "chat_roles": P.CHAT_ROLES,
             "chat_stop": P.CHAT_STOP,
-            "logprob_tokens": "tokens that are part of a UTF-8 character show as 'bytes:\\xNN...'",
+            "notes": {
+                "empty_prompt": "an empty prompt string is generated from <|endoftext|>",
+                "special_tokens": "/tokenize reads the text <|endoftext|> as token 50256 (as Hugging Face and vLLM "
+                                  "do); prompt strings sent to /v1/completions keep it as plain text",
+                "logprob_tokens": "a token holding part of a UTF-8 character shows as 'bytes:\\xNN...'",
+            },
         }
 
     @router.get("/health", tags=["server"])
@@ -285,6 +295,21 @@ def build_router() -> APIRouter:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+def encode_with_specials(tok, text: str) -> list[int]:
+    """Hugging Face semantics for /tokenize: the literal <|endoftext|> is the special token (lm-eval's
+    remote tokenizer finds eos_token_id as encode(eos_token)[0])."""
+    ids: list[int] = []
+    for k, part in enumerate(text.split(ENDOFTEXT)):
+        if k:
+            ids.append(tok.eos_token_id)
+        if part:
+            ids += tok.encode(part)
+    return ids
 
 
 def model_card(ctx: ServerContext) -> P.ModelCard:

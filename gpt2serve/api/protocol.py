@@ -107,6 +107,7 @@ class CompletionRequest(OpenAIBaseModel):
     def _cross_checks(self):
         if self.suffix is not None:
             raise ParamError("suffix", "suffix is not supported: GPT-2 has no fill-in-the-middle mode")
+        _check_stream_options(self.stream, self.stream_options)
         if self.best_of is not None and self.best_of < self.n:
             raise ParamError("best_of", f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})")
         if self.stream and self.best_of is not None and self.best_of > self.n:
@@ -137,6 +138,11 @@ class CompletionRequest(OpenAIBaseModel):
             n=self.n,
             best_of=self.best_of,
         )
+
+
+def _check_stream_options(stream: bool | None, options: StreamOptions | None) -> None:
+    if options is not None and not stream:  # as OpenAI: options for a stream that isn't one
+        raise ParamError("stream_options", "stream_options is only allowed when stream is true")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -214,6 +220,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def _cross_checks(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+        _check_stream_options(self.stream, self.stream_options)
         return self
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -254,6 +261,15 @@ class ChatCompletionRequest(OpenAIBaseModel):
 # returned; the leading space the model writes after "Assistant:" is dropped from the reply.
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
+# The same template in Jinja (what /tokenizer_info serves as `chat_template`, so that clients that
+# render chats themselves, such as lm-eval's remote tokenizer, produce exactly our prompt).
+CHAT_TEMPLATE_JINJA = (
+    "{% for m in messages %}"
+    "{{ {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'}[m['role']] }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 CHAT_TEMPLATE_DOC = (
     "Messages are rendered one per line as '<Role>: <content>' with Role System (system and developer "
     "messages), User or Assistant, followed by 'Assistant:'; generation stops at '\\nUser:', '\\nSystem:' "
@@ -435,6 +451,8 @@ class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = Field(
+        default=True, description="Accepted for vLLM compatibility; GPT-2 adds no special tokens either way.")
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -56,6 +56,7 @@ COMPLETION_CASES = [
     ({"prompt": [-1]}, "prompt"),
     ({"prompt": [[1, 2], "mixed"]}, "prompt"),
     ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
 ]
 
 

@@ -87,3 +87,37 @@ def test_generated_endoftext_is_kept(server):
     assert len(lp["token_logprobs"]) == len(ids) + 1
     assert lp["tokens"][-1] == "<|endoftext|>"
     assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_real_lm_eval_local_completions(server, hf_model):
+    """lm-eval's own `local-completions` model, with only model, base_url and max_length (as on
+    its command line): it finds our /tokenizer_info + /tokenize (remote tokenizer), sends the
+    payload above and parses the answer; its log-likelihoods match transformers'."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(model=server.ctx.model_name, base_url=server.url + "/v1/completions", max_length=1024)
+    assert lm.tokenizer_backend == "remote" and lm.eot_token_id == 50256
+    pairs = [("The capital of France is", " Paris"), ("Once upon a time there was", " a princess who lived")]
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    results = lm.loglikelihood(reqs, disable_tqdm=True)
+    for (ctx, cont), (ll, greedy) in zip(pairs, results):
+        c, k = TOK.encode(ctx), TOK.encode(cont)
+        want, want_greedy = hf_loglik(hf_model, c + k, len(c))
+        assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
+def test_tokenizer_info_chat_template_renders_our_prompt(server):
+    import jinja2
+
+    from gpt2serve.api import protocol as P
+
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "U"}]},
+            {"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}]
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(messages=msgs, add_generation_prompt=True)
+    assert rendered == P.render_chat([P.ChatMessage(**m) for m in msgs])
+    r = httpx.post(server.url + "/tokenize", json={"messages": msgs})
+    assert r.json()["tokens"] == TOK.encode(rendered)
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "a<|endoftext|>b"}).json()["tokens"] == \
+        TOK.encode("a") + [50256] + TOK.encode("b")

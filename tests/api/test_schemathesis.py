@@ -40,6 +40,8 @@ def _cap(body, model: str):
         for k in ("n", "best_of"):
             if isinstance(body.get(k), int) and not isinstance(body.get(k), bool) and body[k] > 2:
                 body[k] = 2
+        if "stream_options" in body and body.get("stream") is not True:
+            del body["stream_options"]  # a 400 by itself; leave room for the rest of the body
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = 4
     return body
@@ -53,6 +55,7 @@ def test_openapi_fuzz_finds_no_5xx(fuzz_server):
     failures: list[str] = []
     calls = 0
     statuses: dict[int, int] = {}
+    generated = [0]  # 200s from the generation routes
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
@@ -66,6 +69,8 @@ def test_openapi_fuzz_finds_no_5xx(fuzz_server):
                 response = case.call(base_url=fuzz_server.url, timeout=60)
                 calls += 1
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if op.path in GENERATING and response.status_code == 200:
+                    generated[0] += 1
                 if response.status_code >= 500:
                     failures.append(f"{case.method} {case.formatted_path} {str(case.body)[:300]} -> "
                                     f"{response.status_code} {response.text[:300]}")
@@ -75,7 +80,8 @@ def test_openapi_fuzz_finds_no_5xx(fuzz_server):
             except Exception as e:  # schemathesis can't build a negative case for some operations
                 if "Unsatisfiable" not in type(e).__name__ and "unsatisfiable" not in str(e).lower():
                     raise
-    print(f"schemathesis: {calls} requests over {len(operations)} operations, statuses {sorted(statuses.items())}")
-    assert statuses.get(200, 0) >= 50  # the fuzz reached the engine, not only the validators
+    print(f"schemathesis: {calls} requests over {len(operations)} operations, statuses {sorted(statuses.items())}, "
+          f"{generated[0]} generations")
+    assert generated[0] >= 20, statuses  # the fuzz reached the engine, not only the validators
     assert calls >= 100
     assert not failures, "\n".join(failures[:10])
