@@ -59,7 +59,7 @@ class Server:
     def __init__(self, workdir: Path, *, model: str = "random:gpt2-tiny", database_url: str | None = None,
                  auth: bool = True, env: dict[str, str] | None = None, args: list[str] | None = None,
                  log_level: str | None = None, name: str = "server"):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the server runs there: relative paths would move
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.database_url = database_url or f"sqlite:///{self.workdir / (name + '.db')}"
