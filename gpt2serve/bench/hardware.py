@@ -282,7 +282,8 @@ def format_report(prof: HardwareProfile, ceils: dict, cost: ModelCost | None = N
         cells = [f"{prof.model_gflops(dtype, m, cost):.0f}" if str(m) in prof.matmul[dtype] else "-" for m in rows]
         lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
     lines.append("")
-    keys = sorted({k for c in ceils.values() for k in c}, key=lambda k: (not k.startswith("prefill"), k))
+    keys = sorted({k for c in ceils.values() for k in c},
+                  key=lambda k: (not k.startswith("prefill"), int(k.rsplit("_", 1)[1].lstrip("b"))))
     lines.append("| ceiling tok/s | " + " | ".join(keys) + " |")
     lines.append("|---|" + "---|" * len(keys))
     for dtype, c in ceils.items():
