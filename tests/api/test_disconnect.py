@@ -84,8 +84,11 @@ def test_non_streaming_client_disconnects(tiny_model_dir, tmp_path):
                 # 4 slots, 4 sequences each: one request runs, two wait in the queue
                 tasks = [asyncio.create_task(client.post(s.url + "/v1/completions", json=body | {"seed": i}))
                          for i in range(3)]
-                while not (s.ctx.engine.stats()["running"] == 1 and s.ctx.engine.stats()["waiting"] == 2):
+                for _ in range(3000):  # bounded: a wrong state fails below instead of hanging
+                    if s.ctx.engine.stats()["running"] == 1 and s.ctx.engine.stats()["waiting"] == 2:
+                        break
                     await asyncio.sleep(0.01)
+                assert s.ctx.engine.stats()["waiting"] == 2, s.ctx.engine.stats()
                 for t in tasks:
                     t.cancel()  # the client gives up: httpx closes the connections
                 results = await asyncio.gather(*tasks, return_exceptions=True)

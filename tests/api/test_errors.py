@@ -179,11 +179,21 @@ def test_queue_limit_counts_requests_already_waiting(tiny_model_dir, tmp_path):
     with LiveServer(app) as s:
         body = {"model": s.ctx.model_name, "prompt": "hi", "max_tokens": 1000, "ignore_eos": True}
 
+        async def until(cond, what: str) -> None:
+            for _ in range(3000):  # 30 s: a bound, so that a wrong state fails instead of hanging
+                if cond(s.ctx.engine.stats()):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"engine never reached {what}: {s.ctx.engine.stats()}")
+
         async def main() -> int:
             async with httpx.AsyncClient(timeout=120) as c:
-                held = [asyncio.create_task(c.post(s.url + "/v1/completions", json=body)) for _ in range(3)]
-                while not (s.ctx.engine.stats()["running"] == 1 and s.ctx.engine.stats()["waiting"] == 2):
-                    await asyncio.sleep(0.01)
+                # one at a time, so each is in the scheduler before the next arrives
+                held = [asyncio.create_task(c.post(s.url + "/v1/completions", json=body))]
+                await until(lambda st: st["running"] == 1, "1 running")
+                for k in (1, 2):
+                    held.append(asyncio.create_task(c.post(s.url + "/v1/completions", json=body)))
+                    await until(lambda st: st["waiting"] == k, f"{k} waiting")
                 r = await c.post(s.url + "/v1/completions", json=body | {"max_tokens": 1})
                 for t in held:
                     t.cancel()
