@@ -398,8 +398,10 @@ class AsyncEngine:
         self.engine.check(prompt_token_ids, params)  # pure checks; safe from this thread
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        if self._waiting_estimate >= self.config.max_queue:
-            raise EngineOverloaded(self._waiting_estimate, self.config.max_queue)
+        # queued = in the scheduler's waiting queue + submitted but not yet picked up by the loop
+        queued = len(self.engine.scheduler.waiting) + self._waiting_estimate
+        if queued >= self.config.max_queue:
+            raise EngineOverloaded(queued, self.config.max_queue)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)

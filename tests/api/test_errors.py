@@ -168,9 +168,6 @@ def test_health_503_while_loading(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "failed" and "no model here" in r.json()["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (reported to the lead): AsyncEngine.generate compares only the "
-                   "not-yet-drained submissions (_waiting_estimate) with max_queue, so the scheduler's waiting queue "
-                   "grows without bound; it should compare len(scheduler.waiting) + _waiting_estimate")
 def test_queue_limit_counts_requests_already_waiting(tiny_model_dir, tmp_path):
     """1 slot, max_queue=2: with one request running and two waiting, the next one gets 429."""
     import asyncio
