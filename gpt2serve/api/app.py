@@ -53,7 +53,7 @@ def default_engine(loaded, settings: Settings):
 def default_accounts(settings: Settings):
     from gpt2serve.accounts import AccountStore, Billing, Pricing
 
-    store = AccountStore(settings.database_url)
+    store = AccountStore(settings.database_url, instance=settings.instance_name)
     store.migrate()
     store.release_open_reservations()  # holds left by a crash of this instance
     billing = Billing(store, Pricing(settings.price_prompt_micros, settings.price_completion_micros),

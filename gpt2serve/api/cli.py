@@ -30,6 +30,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-body-bytes", "max_body_bytes", int, "request bodies above this get 413"),
     ("--keepalive-seconds", "keepalive_seconds", float, "SSE keep-alive comment interval"),
     ("--database-url", "database_url", str, "accounts database (sqlite:///file.db or postgresql+psycopg://...)"),
+    ("--instance-name", "instance_name", str, "this replica's stable name in a shared ledger (default: host name)"),
     ("--eval-report", "eval_report", str, "JSON report of `gpt2serve eval` shown on the model page"),
 ]
 

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # accounts and billing
     auth: bool = True  # --no-auth serves without keys (local use)
     database_url: str = "sqlite:///gpt2serve.db"
+    # which replica holds a reservation: at start-up a server releases only its own open holds, so
+    # replicas sharing one PostgreSQL ledger need distinct, stable names (default: the host name)
+    instance_name: str | None = None
     signup_enabled: bool = True
     starter_credit_micros: int = 1_000_000  # micro-USD given at sign-up ($1.00)
     # The ledger counts integer micro-USD; prices are whole micro-USD per token, so no cost is ever
