@@ -26,13 +26,22 @@ async def run_limits(server: Server, key: str | None, *, max_num_seqs: int, max_
     long_body = {"model": model, "prompt": "Full", "max_tokens": 900, "ignore_eos": True}
     problems: list[str] = []
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=fill + 16)) as http:
-        # fill the slots and the queue (one at a time, so the queue holds them before the rest arrive)
+        # fill the slots and the queue one request at a time: each is either refused or seen by the
+        # engine (running + waiting in /health) before the next is sent, so the cap is tested against
+        # requests already queued, not only against a burst still in flight
         tasks = []
         for i in range(fill):
-            tasks.append(asyncio.ensure_future(http.post(server.url + "/v1/completions", json=long_body | {"seed": i},
-                                                         headers=h)))
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
+            t = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=long_body | {"seed": i},
+                                                headers=h))
+            tasks.append(t)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not t.done():
+                hl = (await http.get(server.url + "/health")).json()
+                admitted = sum(1 for x in tasks if not x.done())
+                if hl.get("running", 0) + hl.get("waiting", 0) >= admitted:
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
         refused = [t.result() for t in tasks if t.done() and not t.exception()]
         overloaded = [r for r in refused if r.status_code == 429]
         health_full = (await http.get(server.url + "/health")).json()
