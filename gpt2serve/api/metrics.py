@@ -28,10 +28,12 @@ class _EngineCollector:
             g = GaugeMetricFamily(f"gpt2serve_requests_{name}", doc)
             g.add_metric([], float(stats.get(name, 0)))
             yield g
-        if "kv_blocks_free" in stats:
-            g = GaugeMetricFamily("gpt2serve_kv_blocks_free", "Free KV-cache blocks.")
-            g.add_metric([], float(stats["kv_blocks_free"]))
-            yield g
+        for name, doc in (("kv_blocks_free", "Free KV-cache blocks."), ("kv_blocks_total", "KV-cache blocks in all."),
+                          ("kv_cache_bytes", "Bytes allocated for the KV cache (the configured budget, never exceeded).")):
+            if name in stats:
+                g = GaugeMetricFamily(f"gpt2serve_{name}", doc)
+                g.add_metric([], float(stats[name]))
+                yield g
 
 
 class Metrics:
