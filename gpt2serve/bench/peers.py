@@ -400,8 +400,8 @@ def spawn_worker(engine: str, dtypes: list[str], model_dir: Path, work_dir: Path
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    return {"engine": engine, "version": None, "results": [],
-            "errors": {"*": f"worker exited with {p.returncode} and no result (crashed?)"}}
+    how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
+    return {"engine": engine, "version": None, "results": [], "errors": {"*": f"worker {how} before reporting"}}
 
 
 # ---------------------------------------------------------------------------- report
@@ -509,6 +509,11 @@ def format_markdown(report: dict) -> str:
         for klass, c in ceils.items():
             lines.append(f"| {CLASS_LABEL.get(klass, klass)} | " + " | ".join(
                 f"{c[k]:.0f}" if k in c else "-" for k in keys) + " |")
+    over = [s for s in report.get("summary", []) if (s["fraction_of_ceiling"] or 0) > 1]
+    if over:
+        lines += ["", "Note: " + ", ".join(f"{CLASS_LABEL[s['class']]} {label.get(s['metric'], s['metric'])}" for s in over)
+                  + " ran above the measured ceiling: the matmul measurement was slowed by other load on the "
+                  "machine. Rerun on a quiet machine; the ratios between engines are the robust figures."]
     errs = [(e["engine"], d, m) for e in report["engines"] for d, m in e.get("errors", {}).items()]
     if errs:
         lines += ["", "## Not measured", ""] + [f"- {e} {d}: {m.splitlines()[0][:300]}" for e, d, m in errs]
