@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 MODEL ?= random:gpt2
 PYTEST_ARGS ?=
 
-.PHONY: install serve install-test test services
+.PHONY: install serve install-test test bench-peers bench-offline
 
 install:
 	$(PYTHON) -m pip install "$(TORCH)" -e .
@@ -19,3 +19,11 @@ install-test:
 
 test: install-test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Speed: our engine beside transformers / CTranslate2 / llama.cpp on the same random weights, one run.
+bench-peers: install
+	$(PYTHON) -m pip install "$(TORCH)" -e ".[bench,peers]"
+	$(PYTHON) -m gpt2serve.bench.peers --json bench-results/peers.json --markdown bench-results/peers.md
+
+bench-offline: install
+	gpt2serve bench offline --model $(MODEL)
