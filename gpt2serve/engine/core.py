@@ -4,6 +4,7 @@ LLM is the synchronous front for eval and bench."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import os
@@ -76,6 +77,23 @@ class EngineConfig:
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing freed memory back to the OS between steps.
+
+    A forward allocates megabytes of temporaries per op (a 512-token prefill: ~6 MB per MLP
+    activation). glibc serves blocks above 128 KiB-32 MiB with mmap and unmaps them on free, and trims
+    the heap, so every step faults fresh pages in again, and in these VMs touching returned memory
+    is slow (PERF-NOTES). Measured with the peers workload: prefill 512 fp32 704 -> 796 tok/s, bf16
+    1063 -> 1354; decode unchanged. Process-wide, harmless elsewhere; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (the maximum) come from the heap
+    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
+
+
 def _total_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -95,6 +113,7 @@ class Engine:
         self.eos = loaded.tokenizer.eos_token_id
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        keep_freed_memory()
         model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8")
         device = next(model.parameters()).device
         kv_dtype = next(model.parameters()).dtype
