@@ -8,6 +8,7 @@ The model loads in a worker thread after startup, so the server answers at once:
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ def default_load(settings: Settings):
 
 
 def default_engine(loaded, settings: Settings):
+    """`loaded`: a LoadedModel or a function that loads one, in the engine's thread."""
     from gpt2serve.engine import AsyncEngine, EngineConfig
 
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -64,8 +66,9 @@ def default_accounts(settings: Settings):
 async def _load(ctx: ServerContext, load: Callable, make_engine: Callable, on_failure: Callable | None) -> None:
     ctx.metrics.loading.set(1)
     try:
-        loaded = await anyio.to_thread.run_sync(load, ctx.settings)
-        engine = await anyio.to_thread.run_sync(make_engine, loaded, ctx.settings)
+        # The engine's own thread runs the loader (see AsyncEngine: one thread for all torch work).
+        engine = await anyio.to_thread.run_sync(make_engine, functools.partial(load, ctx.settings), ctx.settings)
+        loaded = engine.loaded
         ctx.loaded, ctx.engine = loaded, engine
         log.info("serving %s (%s parameters%s) on %s", ctx.model_name, f"{loaded.num_parameters:,}",
                  ", random weights" if loaded.random_weights else "", loaded.device)
