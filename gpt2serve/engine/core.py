@@ -135,7 +135,7 @@ class Engine:
         self.cache = KVCache(cfg, num_blocks, bs, kv_dtype, device)
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_queue), self.allocator
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.allocator
         )
         self.runner = ModelRunner(model, self.cache, self.eos)
         self.requests: dict[str, Request] = {}
@@ -224,7 +224,7 @@ class Engine:
         now = time.monotonic()
         sample_seqs: list[tuple[Sequence, int]] = []
         plp_chunks: list[int] = []
-        forks: list[tuple[Sequence, Sequence, int]] = []
+        forks: list[tuple[Sequence, Sequence]] = []
         for ci, c in enumerate(chunks):
             s, req = c.seq, c.seq.request
             if req.first_scheduled_time is None:
@@ -238,7 +238,7 @@ class Engine:
                 for k in range(1, req.params.num_sequences):
                     child = self._new_seq(req, k)
                     req.seqs.append(child)
-                    forks.append((s, child, k))
+                    forks.append((s, child))
                     sample_seqs.append((child, ci))
 
         result = self.runner.run(chunks, sample_seqs, plp_chunks)
@@ -248,8 +248,8 @@ class Engine:
         for c in chunks:
             c.seq.num_computed += c.num_tokens
             touched[c.seq.request.request_id] = c.seq.request
-        for parent, child, k in forks:
-            copy = self.scheduler.fork(parent, child, k)
+        for parent, child in forks:
+            copy = self.scheduler.fork(parent, child)
             if copy is not None:
                 self.runner.copy_block(*copy)
         for c, done_prompt in zip(chunks, completing):

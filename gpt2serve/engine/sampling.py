@@ -101,9 +101,7 @@ class SamplingParams:
                 raise ParamError("best_of", f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
             if self.best_of > 1 and self.greedy:
                 raise ParamError("best_of", "best_of > 1 needs temperature > 0 (greedy sequences would be identical)")
-        if self.n > 1 and self.greedy:
-            # OpenAI allows it and returns n identical choices; so do we.
-            pass
+        # n > 1 with temperature 0 is allowed, as OpenAI does: n identical choices
         if self.num_sequences > 128:
             raise ParamError("n" if self.best_of is None else "best_of", "at most 128 sequences per prompt")
         return self

@@ -20,7 +20,6 @@ from gpt2serve.engine.request import Request, Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (decode tokens + prefill chunks)
-    max_queue: int = 256  # waiting requests; more -> EngineOverloaded (HTTP 429)
 
 
 @dataclass
@@ -97,8 +96,8 @@ class Scheduler:
             budget -= n
         return decode + prefill
 
-    def fork(self, parent: Sequence, child: Sequence, k: int) -> tuple[int, int] | None:
-        """Give child k (1-based) of parent's request its blocks once the prompt is cached.
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give a forked child of parent's request its blocks once the prompt is cached.
 
         Returns (src_block, dst_block) when the partial last prompt block must be copied, else None.
         """

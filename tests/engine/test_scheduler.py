@@ -84,7 +84,7 @@ def test_forks_share_full_prompt_blocks_and_copy_the_partial_one():
     for k in (1, 2):
         child = Sequence(100 + k, req, k, list(req.prompt_token_ids))
         req.seqs.append(child)
-        copies.append(s.fork(parent, child, k))
+        copies.append(s.fork(parent, child))
         assert child.blocks[:2] == parent.blocks[:2] and child.blocks[2:] != parent.blocks[2:]
         assert copies[-1] == (parent.blocks[2], child.blocks[2])  # the half-full third block is copied
     assert req.reserve_blocks == []
