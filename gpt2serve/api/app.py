@@ -48,7 +48,7 @@ def default_engine(loaded, settings: Settings):
 
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           max_queue=settings.max_queue, kv_cache_memory=settings.kv_cache_memory,
-                          threads=settings.threads)
+                          threads=settings.threads, kernels=settings.kernels)
     return AsyncEngine(loaded, config).start()
 
 

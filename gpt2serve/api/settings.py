@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +20,7 @@ class Settings(BaseSettings):
     max_queue: int = 256  # waiting requests before 429 overloaded
     kv_cache_memory: str = "auto"  # bytes (e.g. "2GiB") or auto
     threads: int | None = None  # torch intra-op threads; default: the machine's cores
+    kernels: Literal["auto", "torch"] = "auto"  # auto: oneDNN packed bf16 / AMX int8 where the CPU has them
 
     # HTTP
     host: str = "127.0.0.1"

@@ -70,6 +70,9 @@ class EngineConfig:
     # quarter of the machine's memory. The cache is allocated once and never grows past it.
     kv_cache_memory: int | None = None
     threads: int | None = None
+    # "auto": the fastest kernels this CPU has (oneDNN packed bf16, AMX int8); "torch": plain torch
+    # ops only (to measure what the kernels buy, or to rule them out)
+    kernels: str = "auto"
 
     def __post_init__(self):
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -114,7 +117,7 @@ class Engine:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         keep_freed_memory()
-        model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8")
+        model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8", kernels=self.config.kernels)
         device = next(model.parameters()).device
         kv_dtype = next(model.parameters()).dtype
         if kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):

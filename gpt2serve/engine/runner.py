@@ -34,8 +34,7 @@ class ModelRunner:
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.bs
-        self.cache.k[:, dst * bs : (dst + 1) * bs] = self.cache.k[:, src * bs : (src + 1) * bs]
-        self.cache.v[:, dst * bs : (dst + 1) * bs] = self.cache.v[:, src * bs : (src + 1) * bs]
+        self.cache.kv[:, dst * bs : (dst + 1) * bs] = self.cache.kv[:, src * bs : (src + 1) * bs]
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], sample_seqs: list[tuple[Sequence, int]], plp_chunks: list[int]) -> StepResult:

@@ -1,0 +1,84 @@
+"""The serving kernels (gpt2.PackedConv1D, Int8Conv1D on fbgemm and on oneDNN) against plain Conv1D.
+
+Each projection module offers forward, forward_gelu (c_fc + GELU) and forward_add (c_proj + the
+residual); every kernel must compute what Conv1D computes, at every row count the engine sends
+(1 = batch-1 decode, 8 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
+Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (measured max rel err
+~0.006), int8 with per-channel weight scales and per-tensor activation scales ~0.01-0.02.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2serve.model.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D, PackedConv1D
+from .helpers import forward_logits
+
+ROWS = (1, 7, 8, 37)
+
+
+def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
+    g = torch.Generator().manual_seed(seed)
+    c = Conv1D(nx, nf)
+    with torch.no_grad():
+        c.weight.copy_(torch.randn(nx, nf, generator=g) * 0.05)
+        c.bias.copy_(torch.randn(nf, generator=g) * 0.1)
+    return c.requires_grad_(False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _check(kernel, ref: Conv1D, dtype: torch.dtype, tol: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    nx, nf = ref.weight.shape
+    for m in ROWS:
+        x = torch.randn(m, nx, generator=g)
+        res = torch.randn(m, nf, generator=g)
+        with torch.inference_mode():
+            plain = ref(x)
+            assert _rel(kernel(x.to(dtype)), plain) < tol, ("forward", m)
+            assert _rel(kernel.forward_gelu(x.to(dtype), "tanh"), F.gelu(plain, approximate="tanh")) < tol, ("gelu", m)
+            assert _rel(kernel.forward_gelu(x.to(dtype), "none"), F.gelu(plain)) < tol, ("gelu erf", m)
+            r = res.to(dtype)
+            r0 = r.clone()
+            assert _rel(kernel.forward_add(x.to(dtype), r), res + plain) < tol, ("add", m)
+            assert torch.equal(r, r0), "forward_add must not write into the residual"
+
+
+@pytest.mark.skipif(not PackedConv1D.supported(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): PackedConv1D is not used here")
+def test_packed_bf16_matches_conv1d():
+    ref = _conv(96, 384)
+    kernel = PackedConv1D(ref.weight.to(torch.bfloat16), ref.bias.to(torch.bfloat16))
+    _check(kernel, ref, torch.bfloat16, 0.02)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["fbgemm", "onednn"])
+def test_int8_matches_conv1d(amx):
+    # amx=True packs for oneDNN too; oneDNN runs its int8 kernels on any x86 CPU, AMX or not, so
+    # both paths are exercised everywhere (rows >= onednn_rows take oneDNN)
+    ref = _conv(96, 384)
+    kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx)
+    assert (kernel._packed_amx is not None) == amx
+    _check(kernel, ref, torch.float32, 0.03)
+
+
+def test_prepare_for_serving_kernels_agree():
+    """A whole tiny model: "auto" kernels give the logits the plain torch ops give."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    for dtype in ("bfloat16", "int8"):
+        pdt = torch.float32 if dtype == "int8" else torch.bfloat16
+        logits = {}
+        for kernels in ("torch", "auto"):
+            m = GPT2LMHeadModel(cfg).init_random(seed=5).to(pdt)
+            m.prepare_for_serving(int8=dtype == "int8", kernels=kernels)
+            logits[kernels] = forward_logits(m, ids)
+        diff = (logits["auto"] - logits["torch"]).abs().max().item()
+        assert diff < 0.05 * logits["torch"].abs().max().item(), (dtype, diff)
+    with pytest.raises(ValueError, match="kernels"):
+        GPT2LMHeadModel(cfg).prepare_for_serving(kernels="fast")
