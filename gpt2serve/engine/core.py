@@ -119,9 +119,7 @@ class Engine:
         keep_freed_memory()
         model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8", kernels=self.config.kernels)
         device = next(model.parameters()).device
-        kv_dtype = next(model.parameters()).dtype
-        if kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            kv_dtype = torch.float32
+        kv_dtype = model.kv_dtype  # the weights' float dtype; bf16 for int8 on CPUs with native bf16
         per_token = KVCache.bytes_per_token(cfg, kv_dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
