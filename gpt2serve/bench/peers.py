@@ -638,9 +638,15 @@ def main(argv: list[str] | None = None) -> int:
             if not dtypes:
                 continue
             log(f"--- {engine}: {', '.join(dtypes)}")
-            res = spawn_worker(engine, dtypes, model_dir, work, args)
-            report["engines"].append({k: res.get(k) for k in ("engine", "version", "errors")})
-            report["results"] += res["results"]
+            # one interpreter per dtype: a worker that dies (llama.cpp's bf16 build raised SIGILL on an
+            # AMX machine) costs that dtype's figures, not the engine's others
+            entry = {"engine": engine, "version": None, "errors": {}}
+            for dtype in dtypes:
+                res = spawn_worker(engine, [dtype], model_dir, work, args)
+                entry["version"] = entry["version"] or res.get("version")
+                entry["errors"].update({(dtype if k == "*" else k): v for k, v in (res.get("errors") or {}).items()})
+                report["results"] += res["results"]
+            report["engines"].append(entry)
         summarize(report)
         md = format_markdown(report)
         print(md)

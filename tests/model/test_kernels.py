@@ -2,7 +2,7 @@
 
 Each projection module offers forward, forward_gelu (c_fc + GELU) and forward_add (c_proj + the
 residual); every kernel must compute what Conv1D computes, at every row count the engine sends
-(1 = batch-1 decode, 8 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
+(1 = batch-1 decode, 16 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
 Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (measured max rel err
 ~0.006), int8 with per-channel weight scales and per-tensor activation scales ~0.01-0.02.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gpt2serve.model.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D, PackedConv1D
 from .helpers import forward_logits
 
-ROWS = (1, 7, 8, 37)
+ROWS = (1, 7, 16, 37)
 
 
 def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
