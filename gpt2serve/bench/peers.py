@@ -35,6 +35,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "model" / "assets" / "gpt2"
 RESULT_MARK = "PEERS_RESULT "
+NO_REPACK_ENV = "GPT2SERVE_PEERS_LLAMA_NO_REPACK"  # set for a llama.cpp worker: load without weight repacking
 
 # engine -> its dtype names (in its own spelling) -> our dtype class, for the ratios
 ENGINE_DTYPES: dict[str, dict[str, str]] = {
@@ -200,8 +201,18 @@ class LlamaCppRunner:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"GGUF conversion failed: {r.stderr[-2000:]}")
+        # Linux hands out AMX tile state only to processes that ask for it (arch_prctl); llama.cpp's
+        # AMX kernels (q8_0 and bf16 on Sapphire Rapids and later) died with SIGILL here without it.
+        # torch asks the same way, so borrow its call before llama.cpp runs.
+        import torch
+
+        init_amx = getattr(torch._C._cpu, "_init_amx", None)
+        if init_amx is not None:
+            init_amx()
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
+        if os.environ.get(NO_REPACK_ENV) == "1":
+            mp.use_extra_bufts = False  # no weight repacking (llama.cpp's AMX buffers): its plain CPU kernels
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
@@ -384,7 +395,7 @@ def run_worker(args) -> int:
     return 0
 
 
-def spawn_worker(engine: str, dtypes: list[str], model_dir: Path, work_dir: Path, args) -> dict:
+def spawn_worker(engine: str, dtypes: list[str], model_dir: Path, work_dir: Path, args, env: dict | None = None) -> dict:
     """Run one engine in a fresh interpreter with the same thread settings; its stderr passes through."""
     cmd = [sys.executable, "-m", "gpt2serve.bench.peers", "--worker", engine, "--dtypes", ",".join(dtypes),
            "--model-dir", str(model_dir), "--work-dir", str(work_dir), "--threads", str(args.threads),
@@ -392,7 +403,7 @@ def spawn_worker(engine: str, dtypes: list[str], model_dir: Path, work_dir: Path
            "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--vocab-size", str(args.vocab_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **(env or {}))
     try:
         p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.engine_timeout)
     except subprocess.TimeoutExpired:
@@ -514,6 +525,8 @@ def format_markdown(report: dict) -> str:
         lines += ["", "Note: " + ", ".join(f"{CLASS_LABEL[s['class']]} {label.get(s['metric'], s['metric'])}" for s in over)
                   + " ran above the measured ceiling: the matmul measurement was slowed by other load on the "
                   "machine. Rerun on a quiet machine; the ratios between engines are the robust figures."]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     errs = [(e["engine"], d, m) for e in report["engines"] for d, m in e.get("errors", {}).items()]
     if errs:
         lines += ["", "## Not measured", ""] + [f"- {e} {d}: {m.splitlines()[0][:300]}" for e, d, m in errs]
@@ -617,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": {k: cfg.get(k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")},
             "workload": {"batches": args.batches, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                          "prefill_len": args.prefill_len, "repeats": args.repeats, "seed": args.seed},
-            "engines": [], "results": [],
+            "engines": [], "results": [], "notes": [],
         }
         if not args.no_hardware:
             from dataclasses import asdict
@@ -643,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"engine": engine, "version": None, "errors": {}}
             for dtype in dtypes:
                 res = spawn_worker(engine, [dtype], model_dir, work, args)
+                if engine == "llama.cpp" and "signal 4" in str(res.get("errors")):
+                    # llama.cpp's AMX kernels (weights repacked for AMX at load) hit an illegal
+                    # instruction on our AMX machine even with tile permission granted; measure its
+                    # AVX-512 kernels instead and say so
+                    log(f"llama.cpp {dtype}: SIGILL in its AMX kernels; again without weight repacking")
+                    res = spawn_worker(engine, [dtype], model_dir, work, args, env={NO_REPACK_ENV: "1"})
+                    if res["results"]:
+                        report["notes"].append(f"llama.cpp {dtype}: measured with weight repacking off "
+                                               f"(use_extra_bufts=False): its AMX kernels died with SIGILL on this machine")
                 entry["version"] = entry["version"] or res.get("version")
                 entry["errors"].update({(dtype if k == "*" else k): v for k, v in (res.get("errors") or {}).items()})
                 report["results"] += res["results"]
