@@ -173,38 +173,55 @@ class Conv1D(nn.Module):
         return residual + self(x)
 
 
-class PackedConv1D(nn.Module):
-    """Conv1D through oneDNN with the weight reordered once into oneDNN's blocked layout.
+# activation codes of the small-batch kernels (gpt2serve/kernels/gemv.cpp)
+_GEMV_ACT = {None: 0, "tanh": 1, "none": 2}
 
-    Used for bf16 on CPUs where oneDNN has native bf16 (AVX512-BF16, AMX). Measured on the 2-core
-    AMX machine, the 49 weight matmuls of one GPT-2 124M step in bf16 (ms; rows = tokens in the step):
 
-    | rows | x @ W (in, out) | F.linear (out, in) | packed |
-    |---|---|---|---|
-    | 1 | 21.4 | 16.5 | 10.9 |
-    | 32 | 18.8 | 20.9 | 13.3 |
-    | 512 | 118 | 94 | 96 |
+class Bf16Conv1D(nn.Module):
+    """Conv1D in bf16 for CPUs where oneDNN computes bf16 natively (AVX512-BF16, AMX).
 
-    Batch-1 decode reads the weights once per token, and only the packed layout streams them at a
-    useful rate; the same packed weight serves every row count. It also fuses the GELU and the
-    residual add into the matmul's epilogue (oneDNN post-ops), two ops fewer per layer.
+    Calls of up to 4 rows (decode at small batch) run the hand-written AVX-512 GEMV in
+    gpt2serve/kernels when it could be built here, larger ones oneDNN's linear (AMX where present).
+    Measured over the 49 weight matmuls of a GPT-2 124M step on the 2-core AMX machine (ms):
+
+    | rows | x @ W (in, out) | F.linear | oneDNN, packed weight | gemv kernel |
+    |---|---|---|---|---|
+    | 1 | 21.4 | 16.5 | 10.9-20.5 | 12.1 (same run as oneDNN's 20.5) |
+    | 4 | - | - | 23.8 | 15.4 |
+    | 32 | 18.8 | 20.9 | 13.3 | - |
+    | 512 | 118 | 94 | 96 | - |
+
+    oneDNN reads the weight reordered once into its blocked layout: in the engine, 8 and 32 streams
+    ran 20% and 8% faster on it than on the plain (out, in) weight. The GEMV reads the plain weight,
+    so with the kernel both are kept (one more bf16 copy of the weights, 248 MB for GPT-2 124M).
+    GELU and the residual add are fused into the matmul's epilogue (oneDNN post-ops, or the GEMV's).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None):
         super().__init__()
-        # (in, out) -> (out, in), reordered by oneDNN for ~16 rows: no slower at 1 row than the hint 1, faster at 32
-        # (measured: 10.9 vs 11.4 ms at 1 row, 30.0 vs 34.6 at 32)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), 16)
+        w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
+        self.gemv = gemv if gemv is not None and w.shape[1] % 64 == 0 else None
+        self.weight = w if self.gemv is not None else None
+        # the row-count hint 16: no slower at 1 row than the hint 1, faster at 32 (10.9 vs 11.4 ms, 30.0 vs 34.6)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
         self.bias = None if bias is None else bias.detach().clone()
+        self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
+
+    def _run(self, x: torch.Tensor, attr: str, approximate: str, act, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] <= 4:
+            return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[act])
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self._run(x, "none", "", None, None)
 
     def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
+        return self._run(x, "gelu", approximate, approximate, None)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        return self._run(x, "none", "", None, residual.contiguous())
 
     @staticmethod
     def supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -245,11 +262,16 @@ class Int8Conv1D(nn.Module):
     (one more int8 copy of the weights, 124 MB for GPT-2 124M). The switch sits at 16 rows because in
     the engine (activation quantisation and the rest of the step included) batch 8 ran slower on
     oneDNN (224 vs 290 tok/s) and batch 16 faster (551 vs 435, against fbgemm alone, same run).
+
+    Calls of up to 4 rows run the hand-written AVX-512 VNNI GEMV (gpt2serve/kernels) when it could
+    be built here, with GELU / the residual add fused: 6.5 vs fbgemm's 8.6 ms at 1 row, 8.3 vs 11.3
+    at 4 (the 49 matmuls, same run). It reads its own plain (out, in) copy of the int8 weights.
     """
 
     onednn_rows = 16
+    gemv_rows = 4
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None):
         super().__init__()
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
@@ -257,6 +279,13 @@ class Int8Conv1D(nn.Module):
         bias = None if bias is None else bias.detach().float().clone()
         self._packed = self._prepack(q, scale, bias, "fbgemm")
         self._packed_amx = self._prepack(q, scale, bias, "onednn") if amx else None
+        self.gemv = gemv if gemv is not None and q.shape[1] % 128 == 0 else None
+        if self.gemv is not None:
+            self.q, self.scale, self.bias = q, scale.float().contiguous(), bias
+            self.qsum = q.sum(dim=1, dtype=torch.int32)  # (out,): takes the activations' zero point back out
+
+    def _gemv(self, x: torch.Tensor, act, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.gemv.gemv_int8(x.float().contiguous(), self.q, self.qsum, self.scale, self.bias, residual, _GEMV_ACT[act])
 
     @staticmethod
     def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, engine: str):
@@ -272,6 +301,8 @@ class Int8Conv1D(nn.Module):
             qe.engine = prev
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] <= self.gemv_rows:
+            return self._gemv(x, None, None)
         x = x.float()
         if self._packed_amx is not None and x.shape[0] >= self.onednn_rows:
             # AMX's int8 tiles take the full u8 range (no int16 intermediate to saturate)
@@ -280,9 +311,13 @@ class Int8Conv1D(nn.Module):
         return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
     def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] <= self.gemv_rows:
+            return self._gemv(x, approximate, None)
         return F.gelu(self(x), approximate=approximate)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] <= self.gemv_rows and residual.dtype == torch.float32:
+            return self._gemv(x, None, residual.contiguous())
         return residual + self(x)
 
 
@@ -404,9 +439,10 @@ class GPT2LMHeadModel(nn.Module):
         - int8: every Conv1D becomes Int8Conv1D and the head is int8 as well; the embeddings stay
           in float for the lookup. With AMX, calls of many rows run on oneDNN (see Int8Conv1D).
           The KV cache is bf16 where the CPU computes bf16 natively (`kv_dtype`).
-        - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become PackedConv1D.
+        - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D.
+        - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use.
         kernels: "auto" (the above) or "torch" (plain torch ops only, for comparisons: the int8
-        projections then use fbgemm alone, bf16 stays `x @ W`).
+        projections then use fbgemm alone, bf16 stays `x @ W`, the KV cache keeps the weights' dtype).
         """
         if kernels not in ("auto", "torch"):
             raise ValueError(f"kernels must be 'auto' or 'torch', got {kernels!r}")
@@ -416,18 +452,23 @@ class GPT2LMHeadModel(nn.Module):
         wte = self.transformer.wte.weight.detach()
         self.kv_dtype = wte.dtype
         replace = None
+        gemv = None
+        if kernels == "auto" and wte.device.type == "cpu" and (int8 or wte.dtype == torch.bfloat16):
+            from gpt2serve.kernels import gemv as load_gemv
+
+            gemv = load_gemv()  # None where it cannot be built or run: torch's kernels then
         if int8:
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
-            replace = lambda w, b: Int8Conv1D(w, b, amx=amx)  # noqa: E731
-            if kernels == "auto" and PackedConv1D.supported(torch.bfloat16, wte.device):
+            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv)  # noqa: E731
+            if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
                 # were ~38% of an int8 step at batch 32): a bf16 cache halves those bytes, and its
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
-        elif kernels == "auto" and PackedConv1D.supported(wte.dtype, wte.device):
-            replace = PackedConv1D
+        elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
+            replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
         if replace is None:
             self._lm_head = wte.t().contiguous()
             return self

@@ -1,8 +1,9 @@
-"""The serving kernels (gpt2.PackedConv1D, Int8Conv1D on fbgemm and on oneDNN) against plain Conv1D.
+"""The serving kernels (gpt2.Bf16Conv1D; Int8Conv1D on fbgemm and on oneDNN; the AVX-512 GEMV of
+gpt2serve/kernels under both) against plain Conv1D.
 
 Each projection module offers forward, forward_gelu (c_fc + GELU) and forward_add (c_proj + the
 residual); every kernel must compute what Conv1D computes, at every row count the engine sends
-(1 = batch-1 decode, 16 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
+(1-4 = decode on the GEMV, 7 = fbgemm, 16 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
 Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (measured max rel err
 ~0.006), int8 with per-channel weight scales and per-tensor activation scales ~0.01-0.02.
 """
@@ -13,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2serve.model.gpt2 import Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D, PackedConv1D
+from gpt2serve import kernels
+from gpt2serve.model.gpt2 import Bf16Conv1D, Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D
 from .helpers import forward_logits
 
-ROWS = (1, 7, 16, 37)
+ROWS = (1, 2, 3, 4, 7, 16, 37)
 
 
 def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
@@ -49,21 +51,39 @@ def _check(kernel, ref: Conv1D, dtype: torch.dtype, tol: float) -> None:
             assert torch.equal(r, r0), "forward_add must not write into the residual"
 
 
-@pytest.mark.skipif(not PackedConv1D.supported(torch.bfloat16, torch.device("cpu")),
-                    reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): PackedConv1D is not used here")
-def test_packed_bf16_matches_conv1d():
-    ref = _conv(96, 384)
-    kernel = PackedConv1D(ref.weight.to(torch.bfloat16), ref.bias.to(torch.bfloat16))
+GEMV = pytest.param(True, marks=pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the GEMV kernels are not used here"), id="gemv")
+
+
+def test_gemv_builds_where_supported():
+    """Where the CPU runs the kernels, they must build (CI has a compiler and ninja): a silent
+    fallback to torch's kernels would hide a broken build."""
+    if not kernels.supported():
+        pytest.skip("this CPU lacks AVX-512 VNNI/BF16")
+    ops = kernels.gemv()
+    assert ops is not None
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        ops.gemv_bf16(torch.zeros(5, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16), None, None, 0)
+
+
+@pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
+@pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
+def test_bf16_matches_conv1d(gemv):
+    ref = _conv(128, 384)
+    kernel = Bf16Conv1D(ref.weight.to(torch.bfloat16), ref.bias.to(torch.bfloat16), gemv=kernels.gemv() if gemv else None)
+    assert (kernel.gemv is not None) == gemv
     _check(kernel, ref, torch.bfloat16, 0.02)
 
 
+@pytest.mark.parametrize("gemv", [False, GEMV], ids=["torch", "gemv"])
 @pytest.mark.parametrize("amx", [False, True], ids=["fbgemm", "onednn"])
-def test_int8_matches_conv1d(amx):
+def test_int8_matches_conv1d(amx, gemv):
     # amx=True packs for oneDNN too; oneDNN runs its int8 kernels on any x86 CPU, AMX or not, so
     # both paths are exercised everywhere (rows >= onednn_rows take oneDNN)
-    ref = _conv(96, 384)
-    kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx)
+    ref = _conv(128, 384)
+    kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx, gemv=kernels.gemv() if gemv else None)
     assert (kernel._packed_amx is not None) == amx
+    assert (kernel.gemv is not None) == gemv
     _check(kernel, ref, torch.float32, 0.03)
 
 

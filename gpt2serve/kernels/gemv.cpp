@@ -1,0 +1,187 @@
+// Small-batch matrix-vector kernels for decode on x86 CPUs with AVX-512 (VNNI, BF16).
+//
+// Why by hand: batch-1 decode reads every weight once per token, so it runs at the speed the
+// weights stream from memory. torch's kernels for one row do not stream bf16 or int8 weights well
+// on our machines: measured over the 49 weight matmuls of a GPT-2 124M step, oneDNN's packed bf16
+// linear reads 10-11 GB/s and fbgemm's int8 dynamic linear ~15, where a plain fp32 `x @ W` reads
+// 24-25. These kernels do one thing: y[m, n] = act(sum_k x[m, k] * W[n, k] + bias[n]) (+ residual)
+// for 1 to 4 rows, W in (out, in) row-major order. Each output row's weights are read once, front
+// to back, with software prefetch a few KiB ahead (the hardware prefetcher alone leaves the memory
+// system idle between rows; +20-30% measured), and applied to every row of x while in registers.
+// Work is split over output rows with at::parallel_for, i.e. torch's own OpenMP threads.
+//
+// int8: W is symmetric int8 with one scale per output row; x is quantised per row to u8 with a
+// zero point of 128 (VNNI's vpdpbusd multiplies u8 by s8), and the zero point comes back out
+// through the precomputed row sums of W: sum((q + 128) * w) - 128 * sum(w) = sum(q * w).
+// bf16: x is in bf16 and vdpbf16ps accumulates pairs of products in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 4;
+constexpr int kPrefetch = 4096;  // bytes ahead of the current read, within the same weight stream
+
+inline float act_fn(float v, int64_t act) {
+  if (act == 1) {  // GELU, tanh approximation (GPT-2's gelu_new)
+    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+  }
+  if (act == 2) return 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));  // exact GELU
+  return v;
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& residual, int64_t act, int64_t align) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x (M, K) and w (N, K) expected");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv: 1 to 4 rows");
+  TORCH_CHECK(x.size(1) % align == 0, "gemv: K must be a multiple of ", align);
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous(), "gemv: contiguous x and w expected");
+  TORCH_CHECK(act >= 0 && act <= 2, "gemv: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == at::kFloat, "gemv: fp32 bias (N,)");
+  if (residual) TORCH_CHECK(residual->is_contiguous() && residual->size(0) == x.size(0) && residual->size(1) == w.size(0), "gemv: residual (M, N)");
+}
+
+// y[m, n] = act(v + bias) + residual, written in the output's dtype
+template <typename Out>
+inline void finish(Out* y, int64_t N, int64_t m, int64_t n, float v, const float* bias, const Out* res, int64_t act) {
+  if (bias) v += bias[n];
+  v = act_fn(v, act);
+  if (res) v += static_cast<float>(res[m * N + n]);
+  y[m * N + n] = static_cast<Out>(v);
+}
+
+inline void prefetch2(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+}
+
+// ---------------------------------------------------------------------------------------- int8
+
+template <int M>
+void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_t* wsum, const float* wscale,
+               const float* bias, const float* res, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m512i acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 128) {
+      prefetch2(wr + k);
+      const __m512i w0 = _mm512_loadu_si512(wr + k), w1 = _mm512_loadu_si512(wr + k + 64);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * K + k), w0);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * K + k + 64), w1);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])) - 128 * wsum[n];
+      finish<float>(y, N, m, n, static_cast<float>(dot) * xs[m] * wscale[n], bias, res, act);
+    }
+  }
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& wscale,
+                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t act) {
+  check_common(x, w, bias, residual, act, 128);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "gemv_int8: fp32 x, int8 w");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wscale.scalar_type() == at::kFloat, "gemv_int8: int32 wsum, fp32 wscale");
+  if (residual) TORCH_CHECK(residual->scalar_type() == at::kFloat, "gemv_int8: fp32 residual");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+
+  // quantise x per row: q = round(x / s) in [-127, 127], stored as u8 = q + 128
+  std::vector<uint8_t> xq(M * K);
+  float xs[kMaxRows];
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    const float inv = 1.f / s;
+    xs[m] = s;
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = static_cast<int>(std::nearbyint(xp[m * K + k] * inv));
+      xq[m * K + k] = static_cast<uint8_t>(std::min(127, std::max(-127, q)) + 128);
+    }
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const int32_t* sp = wsum.data_ptr<int32_t>();
+  const float* sc = wscale.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = xq.data();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: int8_rows<1>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
+      case 2: int8_rows<2>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
+      case 3: int8_rows<3>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
+      default: int8_rows<4>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------- bf16
+
+template <int M>
+void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at::BFloat16* res, at::BFloat16* y,
+               int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m512 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      prefetch2(wr + k);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      finish<at::BFloat16>(y, N, m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])), bias, res, act);
+  }
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& residual, int64_t act) {
+  check_common(x, w, bias, residual, act, 64);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 x and w");
+  if (residual) TORCH_CHECK(residual->scalar_type() == at::kBFloat16, "gemv_bf16: bf16 residual");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const at::BFloat16* rp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: bf16_rows<1>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
+      case 2: bf16_rows<2>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
+      case 3: bf16_rows<3>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
+      default: bf16_rows<4>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gpt2serve, m) {
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
+  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
+  m.impl("gemv_int8", gemv_int8);
+  m.impl("gemv_bf16", gemv_bf16);
+}
