@@ -180,7 +180,7 @@ _GEMV_ACT = {None: 0, "tanh": 1, "none": 2}
 class Bf16Conv1D(nn.Module):
     """Conv1D in bf16 for CPUs where oneDNN computes bf16 natively (AVX512-BF16, AMX).
 
-    Calls of up to 4 rows (decode at small batch) run the hand-written AVX-512 GEMV in
+    Calls of up to `gemv_rows` rows (decode at small batch) run the hand-written AVX-512 GEMV in
     gpt2serve/kernels when it could be built here, larger ones oneDNN's linear (AMX where present).
     Measured over the 49 weight matmuls of a GPT-2 124M step on the 2-core AMX machine (ms):
 
@@ -197,6 +197,8 @@ class Bf16Conv1D(nn.Module):
     GELU and the residual add are fused into the matmul's epilogue (oneDNN post-ops, or the GEMV's).
     """
 
+    gemv_rows = 4  # at 8 rows oneDNN's packed kernel was as fast (17.8 vs 19.1 ms), at 6 slower (19.1 vs 16.1)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None):
         super().__init__()
         w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
@@ -208,7 +210,7 @@ class Bf16Conv1D(nn.Module):
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
 
     def _run(self, x: torch.Tensor, attr: str, approximate: str, act, residual: torch.Tensor | None) -> torch.Tensor:
-        if self.gemv is not None and x.shape[0] <= 4:
+        if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[act])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
@@ -263,9 +265,11 @@ class Int8Conv1D(nn.Module):
     the engine (activation quantisation and the rest of the step included) batch 8 ran slower on
     oneDNN (224 vs 290 tok/s) and batch 16 faster (551 vs 435, against fbgemm alone, same run).
 
-    Calls of up to 4 rows run the hand-written AVX-512 VNNI GEMV (gpt2serve/kernels) when it could
-    be built here, with GELU / the residual add fused: 6.5 vs fbgemm's 8.6 ms at 1 row, 8.3 vs 11.3
-    at 4 (the 49 matmuls, same run). It reads its own plain (out, in) copy of the int8 weights.
+    Calls of up to `gemv_rows` rows run the hand-written AVX-512 VNNI GEMV (gpt2serve/kernels) when
+    it could be built here, with GELU / the residual add fused: 6.5 vs fbgemm's 8.6 ms at 1 row, 8.3
+    vs 11.3 at 4 (the 49 matmuls, same runs). It reads its own plain (out, in) copy of the int8
+    weights. At 8 rows it won alone (9.0 vs 11.2 ms) but lost in the engine (363 vs 429 tok/s at
+    batch 8 against fbgemm there), so it stops at 4.
     """
 
     onednn_rows = 16

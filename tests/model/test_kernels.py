@@ -3,7 +3,8 @@ gpt2serve/kernels under both) against plain Conv1D.
 
 Each projection module offers forward, forward_gelu (c_fc + GELU) and forward_add (c_proj + the
 residual); every kernel must compute what Conv1D computes, at every row count the engine sends
-(1-4 = decode on the GEMV, 7 = fbgemm, 16 = where int8 switches to oneDNN, 37 = an odd prefill chunk).
+(1-4 = decode on the GEMV, up to 8 for int8, 9 = fbgemm, 16 = where int8 switches to oneDNN,
+37 = an odd prefill chunk).
 Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (measured max rel err
 ~0.006), int8 with per-channel weight scales and per-tensor activation scales ~0.01-0.02.
 """
@@ -18,7 +19,7 @@ from gpt2serve import kernels
 from gpt2serve.model.gpt2 import Bf16Conv1D, Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D
 from .helpers import forward_logits
 
-ROWS = (1, 2, 3, 4, 7, 16, 37)
+ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37)
 
 
 def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
@@ -61,8 +62,8 @@ def test_gemv_builds_where_supported():
         pytest.skip("this CPU lacks AVX-512 VNNI/BF16")
     ops = kernels.gemv()
     assert ops is not None
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        ops.gemv_bf16(torch.zeros(5, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16), None, None, 0)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        ops.gemv_bf16(torch.zeros(9, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16), None, None, 0)
 
 
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
