@@ -11,6 +11,10 @@ Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (me
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,11 +59,17 @@ def _check(kernel, ref: Conv1D, dtype: torch.dtype, tol: float) -> None:
 GEMV = pytest.param(True, marks=pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the GEMV kernels are not used here"), id="gemv")
 
 
-def test_gemv_builds_where_supported():
+def test_gemv_builds_where_supported(tmp_path):
     """Where the CPU runs the kernels, they must build (CI has a compiler and ninja): a silent
-    fallback to torch's kernels would hide a broken build."""
+    fallback to torch's kernels would hide a broken build. The first build goes into an empty
+    extensions folder, in a fresh interpreter, so a build cached on this machine proves nothing."""
     if not kernels.supported():
         pytest.skip("this CPU lacks AVX-512 VNNI/BF16")
+    code = "import sys; from gpt2serve.kernels import gemv; sys.exit(0 if gemv() is not None else 3)"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any((tmp_path / "ext").rglob("*.so")), "no shared object was built"
     ops = kernels.gemv()
     assert ops is not None
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
