@@ -85,6 +85,7 @@ class ModelRunner:
             decode_gather=dec_gather,
             decode_mask=dec_mask,
             prefills=prefills,
+            decode_lens=torch.tensor(dec_lens, device=dev) if num_decode else None,
         )
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache, meta)  # (N, C)
 

@@ -182,14 +182,88 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::option
   return y;
 }
 
+
+// ------------------------------------------------------------------------- decode attention
+
+// One query per sequence against its context in the paged cache, read in place: the torch path
+// gathers every context's K/V into a new tensor (read + write) and SDPA reads that copy again, so
+// the context crosses the memory bus three times; here once. kv: (S, 2, H, D) of one layer (K then
+// V of each slot), slots: (B, L) int64 cache slots of each context (padded), lens: (B,) int64.
+// Two passes per (sequence, head): scores and their softmax, then the weighted sum of V, in fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits go to the top of each lane
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <typename T>
+void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int64_t H, int64_t D, int64_t h,
+            float scale, float* scores, float* out) {
+  const int64_t row = 2 * H * D;  // elements per slot; D is a multiple of 16 (checked)
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    const T* k = kv + slots[j] * row + h * D;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
+    const float s = _mm512_reduce_add_ps(acc) * scale;
+    scores[j] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < len; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j] * inv), load16(kv + slots[j] * row + H * D + h * D + d), acc);
+    _mm512_storeu_ps(out + d, acc);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
+              "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
+  TORCH_CHECK(kv.is_contiguous() && slots.is_contiguous() && lens.is_contiguous(), "decode_attention: contiguous kv, slots, lens");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
+              slots.size(0) == q.size(0) && lens.numel() == q.size(0), "decode_attention: int64 slots (B, L), lens (B,)");
+  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16, "decode_attention: fp32 or bf16 cache");
+  TORCH_CHECK(q.size(2) % 16 == 0, "decode_attention: head_dim must be a multiple of 16");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1), S = kv.size(0);
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, H, D}, qf.options());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: length out of range");
+    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* qi = qp + (b * H + h) * D;
+      float* oi = op + (b * H + h) * D;
+      if (kv.scalar_type() == at::kFloat)
+        attend<float>(qi, kv.data_ptr<float>(), sp + b * L, lp[b], H, D, h, scale, scores.data(), oi);
+      else
+        attend<at::BFloat16>(qi, kv.data_ptr<at::BFloat16>(), sp + b * L, lp[b], H, D, h, scale, scores.data(), oi);
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt2serve, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
   m.impl("gemv_bf16", gemv_bf16);
+  m.impl("decode_attention", decode_attention);
 }

@@ -108,6 +108,7 @@ class AttentionMetadata:
       continues earlier tokens (chunked prefill or a shared prefix); None when the chunk starts at
       position 0, in which case attention uses the chunk's own K/V with a plain causal mask.
       mask: (T, L) bool for continuation chunks.
+    decode_lens: (B_dec,) int64 length of each decode context (the kernel reads decode_gather in place).
     """
 
     num_decode: int
@@ -115,6 +116,7 @@ class AttentionMetadata:
     decode_gather: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
+    decode_lens: torch.Tensor | None = None  # (B_dec,) int64 context lengths, for the paged-attention kernel
 
 
 class KVCache:
@@ -331,6 +333,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.paged_ops = None  # set by prepare_for_serving: the decode-attention kernel of gpt2serve/kernels
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: AttentionMetadata, residual: torch.Tensor) -> torch.Tensor:
         """x: (N, C) after ln_1 -> residual + attention output, (N, C)."""
@@ -346,7 +349,13 @@ class CausalSelfAttention(nn.Module):
 
         out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
         B = meta.num_decode
-        if B:
+        if B and self.paged_ops is not None and meta.decode_lens is not None:
+            # decode: one query per sequence against its context, read in place from the paged cache
+            o = self.paged_ops.decode_attention(q[:B], kv_cache, meta.decode_gather, meta.decode_lens)  # (B, H, D)
+            if B == N:
+                return self.c_proj.forward_add(o.view(N, C), residual)
+            out[:B] = o
+        elif B:
             # decode: one query per sequence against its gathered context
             Bg, L = meta.decode_gather.shape
             ctx = kv_cache.index_select(0, meta.decode_gather.view(-1)).view(Bg, L, 2, H, D)
@@ -444,7 +453,8 @@ class GPT2LMHeadModel(nn.Module):
           in float for the lookup. With AMX, calls of many rows run on oneDNN (see Int8Conv1D).
           The KV cache is bf16 where the CPU computes bf16 natively (`kv_dtype`).
         - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D.
-        - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use.
+        - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use;
+          decode attention (every dtype) reads the paged cache in place with the kernel there.
         kernels: "auto" (the above) or "torch" (plain torch ops only, for comparisons: the int8
         projections then use fbgemm alone, bf16 stays `x @ W`, the KV cache keeps the weights' dtype).
         """
@@ -457,10 +467,13 @@ class GPT2LMHeadModel(nn.Module):
         self.kv_dtype = wte.dtype
         replace = None
         gemv = None
-        if kernels == "auto" and wte.device.type == "cpu" and (int8 or wte.dtype == torch.bfloat16):
+        if kernels == "auto" and wte.device.type == "cpu":
             from gpt2serve.kernels import gemv as load_gemv
 
             gemv = load_gemv()  # None where it cannot be built or run: torch's kernels then
+            if gemv is not None and self.config.head_dim % 16 == 0:
+                for block in self.transformer.h:
+                    block.attn.paged_ops = gemv  # decode attention over the paged cache, every dtype
         if int8:
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")

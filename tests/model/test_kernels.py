@@ -113,3 +113,28 @@ def test_prepare_for_serving_kernels_agree():
         assert diff < 0.05 * logits["torch"].abs().max().item(), (dtype, diff)
     with pytest.raises(ValueError, match="kernels"):
         GPT2LMHeadModel(cfg).prepare_for_serving(kernels="fast")
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_attention_matches_gather_and_sdpa(dtype):
+    """The paged decode-attention kernel equals the torch path (gather the contexts, masked SDPA)
+    on scattered slots and uneven lengths, including a length-1 context."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(0)
+    S, H, D, B, L = 512, 4, 64, 5, 37
+    kv = torch.randn(S, 2, H, D, generator=g).to(dtype)
+    slots = torch.randperm(S, generator=g)[: B * L].view(B, L).contiguous()
+    lens = torch.tensor([L, 1, 20, 36, 5])
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    ctx = kv.index_select(0, slots.view(-1)).view(B, L, 2, H, D)
+    mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2).float(), ctx[:, :, 0].transpose(1, 2).float(),
+                                         ctx[:, :, 1].transpose(1, 2).float(), attn_mask=mask).squeeze(2)
+    out = ops.decode_attention(q, kv, slots, lens)
+    assert out.dtype == dtype and out.shape == (B, H, D)
+    assert (out.float() - ref).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(RuntimeError, match="length out of range"):
+        ops.decode_attention(q, kv, slots, torch.tensor([0, 1, 1, 1, 1]))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.decode_attention(q, kv, torch.full((B, L), S), lens)
