@@ -1,4 +1,5 @@
-// Small-batch matrix-vector kernels for decode on x86 CPUs with AVX-512 (VNNI, BF16).
+// Decode kernels for x86 CPUs with AVX-512 (VNNI, BF16): small-batch matrix-vector products, and
+// attention over the paged KV cache (at the end of this file).
 //
 // Why by hand: batch-1 decode reads every weight once per token, so it runs at the speed the
 // weights stream from memory. torch's kernels for one row do not stream bf16 or int8 weights well
