@@ -2,9 +2,8 @@
 
 `gemv()` returns the torch ops namespace holding `gemv_int8`, `gemv_bf16` (projections of <= 8
 rows) and `decode_attention` (one query per sequence over the paged KV cache, read in place), or
-None when they
-cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed build); callers
-then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
+None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed
+build); callers then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
 compiler) into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
 named by a hash of the source, flags and torch version, so it is built once per machine and version
 (~15 s on 2 cores) and loaded from there afterwards. It links the same libgomp as torch, so at::parallel_for
