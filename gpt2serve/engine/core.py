@@ -75,6 +75,8 @@ class EngineConfig:
     kernels: str = "auto"
 
     def __post_init__(self):
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError(f"kernels must be 'auto' or 'torch', got {self.kernels!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -62,6 +63,22 @@ inline void finish(Out* y, int64_t N, int64_t m, int64_t n, float v, const float
 inline void prefetch2(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
   _mm_prefetch(static_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+}
+
+// Calls f(std::integral_constant<int, M>{}) for M in 1..kMaxRows: the row count as a template
+// argument, so each kernel's per-row accumulators live in registers.
+template <typename F>
+void with_rows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // ---------------------------------------------------------------------------------------- int8
@@ -120,16 +137,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   float* yp = y.data_ptr<float>();
   const uint8_t* qp = xq.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: int8_rows<1>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 2: int8_rows<2>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 3: int8_rows<3>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 4: int8_rows<4>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 5: int8_rows<5>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 6: int8_rows<6>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      case 7: int8_rows<7>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-      default: int8_rows<8>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); break;
-    }
+    with_rows(M, [&](auto rows) { int8_rows<decltype(rows)::value>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); });
   });
   return y;
 }
@@ -169,16 +177,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::option
   const at::BFloat16* rp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: bf16_rows<1>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 2: bf16_rows<2>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 3: bf16_rows<3>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 4: bf16_rows<4>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 5: bf16_rows<5>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 6: bf16_rows<6>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      case 7: bf16_rows<7>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-      default: bf16_rows<8>(xp, wp, bp, rp, yp, K, N, n0, n1, act); break;
-    }
+    with_rows(M, [&](auto rows) { bf16_rows<decltype(rows)::value>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
   });
   return y;
 }
