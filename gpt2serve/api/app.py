@@ -47,6 +47,7 @@ def default_engine(loaded, settings: Settings):
     from gpt2serve.engine import AsyncEngine, EngineConfig
 
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                          prefill_first_tokens=settings.prefill_first_tokens,
                           max_queue=settings.max_queue, kv_cache_memory=settings.kv_cache_memory,
                           threads=settings.threads, kernels=settings.kernels)
     return AsyncEngine(loaded, config).start()

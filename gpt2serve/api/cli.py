@@ -26,6 +26,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--kernels", "kernels", str, "auto (oneDNN packed bf16, AMX int8 where the CPU has them) | torch (plain torch ops)"),
     ("--max-num-seqs", "max_num_seqs", int, "running sequences per engine step"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "tokens per engine step (prefill chunks + decodes)"),
+    ("--prefill-first-tokens", "prefill_first_tokens", int,
+     "new prompts totalling at most this many tokens get a step of their own, ahead of the decodes (0: never)"),
     ("--max-queue", "max_queue", int, "waiting requests before 429 overloaded"),
     ("--kv-cache-memory", "kv_cache_memory", str, "KV cache size in bytes (e.g. 2GiB) or auto"),
     ("--max-body-bytes", "max_body_bytes", int, "request bodies above this get 413"),

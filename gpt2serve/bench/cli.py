@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests-per-client", type=int, default=2)
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--idle-requests", type=int, default=5, help="sequential max_tokens=1 requests for the idle TTFT baseline")
+    s.add_argument("--arrivals", choices=["staggered", "burst"], default="staggered",
+                   help="staggered: steady state, each client's first measured request offset by a lead-in "
+                        "request of i/C of max_tokens; burst: all clients start at once (bench/serve.py)")
     s.add_argument("--no-warmup", action="store_true")
     s.add_argument("--server-pid", type=int, default=None, help="report the server's peak resident memory (Linux /proc)")
     s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         url=args.url, api_key=args.api_key, model=args.model, concurrency=args.concurrency,
         requests_per_client=args.requests_per_client, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
         idle_requests=args.idle_requests, warmup=not args.no_warmup, server_pid=args.server_pid,
+        arrivals=args.arrivals,
         seed=args.seed, timeout=args.timeout,
     )
     report = asyncio.run(serve.run_serve(cfg, progress=not args.no_progress))

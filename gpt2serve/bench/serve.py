@@ -1,14 +1,24 @@
 """Serve benchmark: a closed-loop load generator against a running server's streaming /v1/completions.
 
 At each concurrency C, C clients each send `requests_per_client` requests back to back (prompts of
-`prompt_len` random token ids, `max_tokens` new tokens, greedy, EOS ignored, include_usage). Per
-request it records:
+`prompt_len` random token ids, `max_tokens` new tokens, greedy, EOS ignored, include_usage).
+
+Arrivals (`arrivals`):
+- "staggered" (default): steady state at C streams. Before its measured requests each client sends
+  one lead-in request of i/C * max_tokens tokens (client i of C), so the measured requests arrive
+  spread over one request's duration, as a server with C users sees them, instead of in waves of C
+  at once. Lead-ins are not measured; aggregate tok/s counts the tokens streamed while all C
+  clients were busy (from the last lead-in's end to the first client's last end).
+- "burst": all C clients start at once and everything is measured (tokens / wall time): the
+  worst case for TTFT, since C prompts queue for the same steps.
+
+Per request it records:
 - TTFT: request sent -> first chunk with text;
 - ITL: gaps between successive text chunks (a chunk may carry more than one token when the server
   holds back a partial UTF-8 character, so TPOT is reported too);
 - TPOT: (last chunk - first chunk) / (completion tokens - 1);
 - end-to-end latency; completion tokens from the usage chunk.
-Aggregate tok/s = completion tokens of the level / wall time of the level. Before the levels, an
+Aggregate tok/s is as `arrivals` says. Before the levels, an
 idle-server TTFT baseline: sequential requests with max_tokens=1 on an otherwise idle server.
 """
 
@@ -36,6 +46,7 @@ class ServeConfig:
     max_tokens: int = 128
     idle_requests: int = 5
     warmup: bool = True
+    arrivals: str = "staggered"  # "staggered" | "burst" (module docstring)
     server_pid: int | None = None
     seed: int = 0
     timeout: float = 600.0
@@ -52,6 +63,7 @@ class RequestResult:
     tokens: int = 0
     error: str | None = None
     end_of_text: float = 0.0  # time of the last text chunk
+    chunk_times: list[float] = field(default_factory=list)  # arrival time of each text chunk
 
     @property
     def e2e(self) -> float:
@@ -96,6 +108,7 @@ async def one_request(client: httpx.AsyncClient, cfg: ServeConfig, model: str, p
                 now = time.perf_counter()
                 if any(c.get("text") for c in obj.get("choices") or []):
                     chunks += 1
+                    res.chunk_times.append(now)
                     if last is None:
                         res.ttft = now - start
                     else:
@@ -119,13 +132,34 @@ def _prompts(cfg: ServeConfig, n: int, salt: int) -> list[list[int]]:
     return [[rng.randrange(high) for _ in range(cfg.prompt_len)] for _ in range(n)]
 
 
-def summarize_level(results: list[RequestResult], wall: float, concurrency: int) -> dict:
+def tokens_in_window(results: list[RequestResult], t0: float, t1: float) -> float:
+    """Completion tokens streamed in [t0, t1]: each request's tokens spread over its text chunks (a
+    chunk carries one token, or a few where the server held back a partial UTF-8 character)."""
+    n = 0.0
+    for r in results:
+        if r.ok and r.chunk_times:
+            inside = sum(t0 <= t <= t1 for t in r.chunk_times)
+            n += r.tokens * inside / len(r.chunk_times)
+    return n
+
+
+def summarize_level(results: list[RequestResult], wall: float, concurrency: int,
+                    window: tuple[float, float, float] | None = None) -> dict:
+    """results: the measured requests. window: (t0, t1, tokens streamed in it by every request,
+    lead-ins included) when the level was staggered; tok/s is then tokens / (t1 - t0), else
+    the measured requests' tokens / wall."""
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
+    if window is not None and window[1] > window[0]:
+        tok_s = window[2] / (window[1] - window[0])
+    else:
+        tok_s = tokens / wall if wall > 0 else 0.0
     return {
         "concurrency": concurrency, "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
         "error_samples": sorted({r.error for r in results if r.error})[:3],
-        "wall_seconds": wall, "completion_tokens": tokens, "tok_s": tokens / wall if wall > 0 else 0.0,
+        "wall_seconds": wall, "completion_tokens": tokens, "tok_s": tok_s,
+        "tok_s_wall": tokens / wall if wall > 0 else 0.0,
+        "steady_window_s": window[1] - window[0] if window is not None else None,
         "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
         "ttft_ms": summarize(1000 * r.ttft for r in ok if r.ttft is not None),
         "itl_ms": summarize(1000 * g for r in ok for g in r.itl),
@@ -135,22 +169,25 @@ def summarize_level(results: list[RequestResult], wall: float, concurrency: int)
 
 
 async def run_level(client, cfg: ServeConfig, model: str, concurrency: int, bar=None) -> dict:
-    prompts = _prompts(cfg, concurrency * cfg.requests_per_client, salt=concurrency)
-    queue: asyncio.Queue = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
+    n = cfg.requests_per_client
+    prompts = _prompts(cfg, concurrency * n, salt=concurrency)
+    staggered = cfg.arrivals == "staggered" and concurrency > 1
+    lead_prompts = _prompts(cfg, concurrency, salt=10_000 + concurrency) if staggered else []
     results: list[RequestResult] = []
+    leads: list[RequestResult] = []
+    lasts: list[float] = []  # each client's last end
 
-    async def worker():
-        while True:
-            try:
-                p = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            r = await one_request(client, cfg, model, p, cfg.max_tokens)
+    async def client_loop(i: int):
+        if staggered:
+            # client i's lead-in ends about i/C of a request's duration after the others' start
+            lead = max(1, round(cfg.max_tokens * i / concurrency))
+            leads.append(await one_request(client, cfg, model, lead_prompts[i], lead))
+        for j in range(n):
+            r = await one_request(client, cfg, model, prompts[i * n + j], cfg.max_tokens)
             results.append(r)
             if bar is not None:
                 bar.update(1)
+        lasts.append(time.perf_counter())
 
     rss_samples: list[int] = []
 
@@ -163,11 +200,18 @@ async def run_level(client, cfg: ServeConfig, model: str, concurrency: int, bar=
 
     sampler = asyncio.create_task(sample_rss()) if cfg.server_pid else None
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
     if sampler:
         sampler.cancel()
-    level = summarize_level(results, wall, concurrency)
+    window = None
+    if staggered:
+        # steady state: every client busy, from the last lead-in's end to the first client's last end
+        w0, w1 = max(r.end for r in leads), min(lasts)
+        window = (w0, w1, tokens_in_window(results + leads, w0, w1))
+        wall = time.perf_counter() - min(r.start for r in results) if results else wall
+    level = summarize_level(results, wall, concurrency, window)
+    level["arrivals"] = "staggered" if staggered else "burst"
     if rss_samples:
         level["server_rss_max_bytes"] = max(rss_samples)
     return level
@@ -203,6 +247,8 @@ async def run_serve(cfg: ServeConfig, progress: bool = True) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout, connect=30), limits=limits) as client:
         await wait_ready(cfg.url)
         model = cfg.model or await _model_id(client, cfg)
+        if cfg.arrivals not in ("staggered", "burst"):
+            raise ValueError(f"arrivals must be 'staggered' or 'burst', not {cfg.arrivals!r}")
         total = cfg.idle_requests + sum(c * cfg.requests_per_client for c in cfg.concurrency)
         bar = tqdm(total=total, desc="bench serve", unit="req", disable=not progress)
         if cfg.warmup:
@@ -224,7 +270,7 @@ async def run_serve(cfg: ServeConfig, progress: bool = True) -> dict:
     idle_ok = [r for r in idle if r.ok]
     report = {
         "mode": "serve", "url": cfg.url, "model": model, "prompt_len": cfg.prompt_len, "max_tokens": cfg.max_tokens,
-        "requests_per_client": cfg.requests_per_client,
+        "requests_per_client": cfg.requests_per_client, "arrivals": cfg.arrivals,
         "idle_ttft_ms": summarize(1000 * r.ttft for r in idle_ok if r.ttft is not None),
         "idle_errors": sorted({r.error for r in idle if r.error})[:3],
         "levels": levels,
@@ -245,7 +291,8 @@ def format_markdown(report: dict) -> str:
 
     idle = report["idle_ttft_ms"]
     lines = [f"# Serve: {report['model']} at {report['url']} ({report.get('date', '')}); prompt {report['prompt_len']}, "
-             f"{report['max_tokens']} new tokens, greedy, EOS ignored, {report['requests_per_client']} requests per client",
+             f"{report['max_tokens']} new tokens, greedy, EOS ignored, {report['requests_per_client']} requests per client, "
+             f"{report.get('arrivals', 'burst')} arrivals",
              "", f"Idle-server TTFT: p50 {f(idle['p50'], '.1f')} ms, p99 {f(idle['p99'], '.1f')} ms", "",
              "| concurrency | tok/s | TTFT p50 ms | TTFT p99 ms | TTFT p50 / idle | ITL p50 ms | ITL p99 ms "
              "| TPOT p50 ms | e2e p50 ms | e2e p99 ms | errors |",

@@ -64,6 +64,8 @@ def parse_bytes(v: str | int | None) -> int | None:
 class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # a step computes only new prompts when they total at most this many tokens (scheduler.py); 0: never
+    prefill_first_tokens: int = 256
     max_queue: int = 256
     block_size: int = 16
     # KV-cache budget in bytes; None = enough for max_num_seqs full contexts, capped at 2 GiB and a
@@ -79,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"kernels must be 'auto' or 'torch', got {self.kernels!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
+        if self.prefill_first_tokens < 0:
+            raise ValueError("prefill_first_tokens must be >= 0")
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
 
 
@@ -138,7 +142,8 @@ class Engine:
         self.cache = KVCache(cfg, num_blocks, bs, kv_dtype, device)
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.allocator
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                            self.config.prefill_first_tokens), self.allocator
         )
         self.runner = ModelRunner(model, self.cache, self.eos)
         self.requests: dict[str, Request] = {}

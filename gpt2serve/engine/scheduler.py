@@ -5,6 +5,13 @@ sequences (one token each) first, then prefill chunks. There is no separate pref
 sequence's computed-token count catches up with its length, a prompt longer than the step's token
 budget is simply computed over several steps (chunked prefill), and new requests are admitted at
 every step while running ones decode.
+
+Short prompts first: when the prompt tokens waiting are few (<= prefill_first_tokens), the step
+computes only them and the running sequences skip that one step. A new request's first token then
+costs one short prefill step instead of a step holding every running sequence's decode as well,
+which at 32 streams is what time to first token is made of; the decodes lose one short step. Never
+two such steps in a row, so a steady flow of arrivals cannot stall the decodes, and longer prompt
+work goes into mixed, chunked steps as before (a long prefill-only step would stall them).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from gpt2serve.engine.request import Request, Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (decode tokens + prefill chunks)
+    prefill_first_tokens: int = 256  # pending prompt tokens up to which a step is prompts only; 0: never
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
+        self._last_prefill_only = False
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -71,10 +80,27 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------
 
+    def _pending_prompt_tokens(self, limit: int) -> int:
+        """Prompt tokens not yet computed (running and waiting), counted up to just past limit."""
+        n = 0
+        for s in self.running:
+            if s.in_prefill:
+                n += s.num_prompt - s.num_computed
+        for req in self.waiting:
+            if n > limit:
+                break
+            if not req.aborted:
+                n += len(req.prompt_token_ids)
+        return n
+
     def schedule(self) -> list[Chunk]:
         budget = self.config.max_num_batched_tokens
         decode = [Chunk(s, 1) for s in self.running if not s.in_prefill]
-        budget -= len(decode)
+        first = min(self.config.prefill_first_tokens, budget)  # all of it must fit in this one step
+        prefill_only = bool(decode) and not self._last_prefill_only and first > 0 \
+            and 0 < self._pending_prompt_tokens(first) <= first
+        if not prefill_only:
+            budget -= len(decode)
         prefill: list[Chunk] = []
         for s in self.running:
             if s.in_prefill and budget > 0:
@@ -94,7 +120,10 @@ class Scheduler:
             n = min(seq.num_prompt, budget)
             prefill.append(Chunk(seq, n))
             budget -= n
-        return decode + prefill
+        self._last_prefill_only = prefill_only and bool(prefill)
+        if self._last_prefill_only:
+            return prefill  # the decodes wait this one short step
+        return decode + prefill  # (a prefill-only step that admitted nothing spent no budget)
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Give a forked child of parent's request its blocks once the prompt is cached.

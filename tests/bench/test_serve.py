@@ -27,6 +27,10 @@ def test_serve_smoke(live_server, tmp_path, capsys):
         assert lv["ttft_ms"]["p50"] <= lv["e2e_ms"]["p50"]
         assert lv["tok_s"] > 0 and lv["ttft_p50_over_idle"] > 0
         assert lv["itl_ms"]["n"] >= 1
+        assert lv["arrivals"] == ("burst" if lv["concurrency"] == 1 else "staggered")
+    # concurrency 3, staggered: the window runs from the last lead-in's end to the first client's end
+    lv3 = report["levels"][1]
+    assert lv3["steady_window_s"] is not None and lv3["tok_s_wall"] > 0
     # the server runs in this process, so its peak RSS is ours
     assert report["server_pid"] == os.getpid() and report["server_peak_rss_bytes"] > 0
     assert "Server peak resident memory" in (out / "serve.md").read_text()
@@ -45,3 +49,14 @@ def test_serve_reports_errors_and_fails(live_server, tmp_path):
     assert lv["errors"] == 2 and lv["ok"] == 0 and lv["tok_s"] == 0
     assert lv["error_samples"][0].startswith("HTTP 404")
     assert report["idle_ttft_ms"]["n"] == 0 and report["idle_errors"]
+
+
+def test_serve_burst_arrivals(live_server, tmp_path):
+    rc = main(["serve", "--url", live_server, "--concurrency", "3", "--requests-per-client", "1",
+               "--prompt-len", "4", "--max-tokens", "3", "--idle-requests", "1", "--arrivals", "burst",
+               "--out", str(tmp_path), "--no-plot", "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "serve.json").read_text())
+    (lv,) = report["levels"]
+    assert report["arrivals"] == "burst" and lv["arrivals"] == "burst" and lv["steady_window_s"] is None
+    assert lv["completion_tokens"] == 9 and lv["tok_s"] == lv["tok_s_wall"]

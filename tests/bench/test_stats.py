@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gpt2serve.bench import hardware, peers
-from gpt2serve.bench.serve import RequestResult, summarize_level
+from gpt2serve.bench.serve import RequestResult, summarize_level, tokens_in_window
 from gpt2serve.bench.stats import peak_rss_bytes, rss_bytes, summarize
 
 
@@ -41,6 +41,19 @@ def test_summarize_level_counts_only_successful_requests():
     # TPOT: (last text chunk - first) / (tokens - 1) = (0.6 - 0.1) / 2 and (0.7 - 0.3) / 1
     assert ok1.tpot == pytest.approx(0.25) and ok2.tpot == pytest.approx(0.4)
     assert lv["tpot_ms"]["mean"] == pytest.approx(325.0)
+
+
+def test_steady_window_counts_tokens_by_chunk():
+    # 4 tokens in 4 chunks at t=1..4, 6 tokens in 3 chunks (held-back UTF-8) at t=2, 3, 5
+    a = RequestResult(ok=True, start=0.0, end=4.5, tokens=4, chunk_times=[1.0, 2.0, 3.0, 4.0])
+    b = RequestResult(ok=True, start=0.0, end=5.5, tokens=6, chunk_times=[2.0, 3.0, 5.0])
+    bad = RequestResult(ok=False, start=0.0, end=1.0, tokens=3, chunk_times=[2.5], error="x")
+    assert tokens_in_window([a, b, bad], 2.0, 3.0) == pytest.approx(2 + 4)
+    lv = summarize_level([a, b], wall=10.0, concurrency=2, window=(2.0, 3.0, 6.0))
+    assert lv["tok_s"] == pytest.approx(6.0) and lv["tok_s_wall"] == pytest.approx(1.0)
+    assert lv["steady_window_s"] == pytest.approx(1.0)
+    # an empty window (a level too short to reach steady state) falls back to tokens / wall
+    assert summarize_level([a, b], wall=10.0, concurrency=2, window=(3.0, 3.0, 0.0))["tok_s"] == pytest.approx(1.0)
 
 
 def test_rss_readers():

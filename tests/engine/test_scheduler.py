@@ -23,7 +23,7 @@ def step_done(chunks):
 
 
 def test_chunked_prefill_respects_token_budget_and_decodes_first():
-    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockAllocator(64, 4))
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10, prefill_first_tokens=0), BlockAllocator(64, 4))
     a = make(s, "a", 3)
     b = make(s, "b", 25)
     chunks = s.schedule()
@@ -41,8 +41,43 @@ def test_chunked_prefill_respects_token_budget_and_decodes_first():
     assert chunks[1].completes_prompt
 
 
+def test_short_new_prompts_get_a_step_of_their_own_but_never_two_in_a_row():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, prefill_first_tokens=8), BlockAllocator(64, 4))
+    a = make(s, "a", 3)
+    step_done(s.schedule())
+    a.seqs[0].token_ids.append(1)  # a decodes from now on
+    make(s, "b", 5)
+    chunks = s.schedule()  # b's 5 prompt tokens <= 8: they go alone, a skips this step
+    assert [(c.seq.request.request_id, c.num_tokens) for c in chunks] == [("b", 5)]
+    step_done(chunks)
+    s.running[1].token_ids.append(1)
+    make(s, "c", 2)
+    chunks = s.schedule()  # c is short too, but the last step was prompts only: mixed
+    assert [(c.seq.request.request_id, c.num_tokens) for c in chunks] == [("a", 1), ("b", 1), ("c", 2)]
+    step_done(chunks)
+    for q in s.running:
+        q.token_ids.append(1)
+    make(s, "d", 6)
+    make(s, "e", 6)
+    chunks = s.schedule()  # 12 pending prompt tokens > 8: mixed, decodes first
+    assert [(c.seq.request.request_id, c.num_tokens) for c in chunks] == [("a", 1), ("b", 1), ("c", 1), ("d", 6), ("e", 6)]
+    step_done(chunks)
+    for q in s.running:
+        q.token_ids.append(1)
+    chunks = s.schedule()  # nothing pending: plain decode
+    assert [c.seq.request.request_id for c in chunks] == ["a", "b", "c", "d", "e"]
+    # a waiting request that cannot be admitted (no free sequence slot) does not hold the decodes back
+    s.config.max_num_seqs = 5
+    step_done(chunks)
+    for q in s.running:
+        q.token_ids.append(1)
+    make(s, "f", 2)
+    chunks = s.schedule()
+    assert [c.seq.request.request_id for c in chunks] == ["a", "b", "c", "d", "e"]
+
+
 def test_admission_caps_running_sequences_and_is_first_come_first_served():
-    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockAllocator(64, 4))
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, prefill_first_tokens=0), BlockAllocator(64, 4))
     reqs = [make(s, f"r{i}", 2) for i in range(4)]
     chunks = s.schedule()
     assert {c.seq.request.request_id for c in chunks} == {"r0", "r1"}
@@ -97,7 +132,7 @@ def test_forks_share_full_prompt_blocks_and_copy_the_partial_one():
 
 
 def test_unfittable_request_is_recognised():
-    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockAllocator(4, 4))
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, prefill_first_tokens=0), BlockAllocator(4, 4))
     big = Request("x", list(range(10)), SamplingParams(max_tokens=10))
     many = Request("y", [1], SamplingParams(max_tokens=1, n=3))
     ok = Request("z", [1, 2], SamplingParams(max_tokens=2))
