@@ -38,6 +38,13 @@ def top_logprobs(lp_row_values: torch.Tensor, lp_row_ids: torch.Tensor, k: int) 
     return list(zip(lp_row_ids[:k].tolist(), lp_row_values[:k].tolist()))
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum, the first on ties (as argmax). torch's CPU argmax over 50,257
+    columns is 2.8x slower than max's indices (32 rows: 1.13 vs 0.40 ms), which was 7% of an int8
+    batch-32 step."""
+    return x.max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int) -> SampleResult:
     """logits: (M, V) float32, one row per sequence in `seqs` (modified in place)."""
     M, V = logits.shape
@@ -95,7 +102,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int) -> Sam
     # -- choose ------------------------------------------------------------------------------------
     greedy = [p.temperature == 0.0 for p in params]
     if all(greedy):
-        chosen = logits.argmax(dim=-1)
+        chosen = _argmax(logits)
     else:
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
         scaled = logits / temps[:, None]
@@ -129,9 +136,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int) -> Sam
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 noise[i].exponential_(generator=s.generator)
-        sampled = (scaled - noise.log()).argmax(dim=-1)
+        sampled = _argmax(scaled - noise.log())
         if any(greedy):
-            chosen = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), sampled)
+            chosen = torch.where(torch.tensor(greedy, device=dev), _argmax(logits), sampled)
         else:
             chosen = sampled
 
