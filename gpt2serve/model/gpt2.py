@@ -361,7 +361,8 @@ class CausalSelfAttention(nn.Module):
         kv_cache = cache.kv[layer]  # (S, 2, H, D)
         # write this step's K/V before anyone reads them. index_copy_/index_select, not tensor
         # indexing: on CPU advanced indexing into the large cache costs ~100x more
-        kv_cache.index_copy_(0, meta.slot_mapping, kv.to(kv_cache.dtype))  # int8 mode: fp32 -> the bf16 cache
+        kv = kv.to(kv_cache.dtype)  # int8 mode: fp32 -> the bf16 cache (a no-op otherwise)
+        kv_cache.index_copy_(0, meta.slot_mapping, kv)
 
         B = meta.num_decode
         o = None  # decode rows' output, (B, H, D)
@@ -383,7 +384,9 @@ class CausalSelfAttention(nn.Module):
         for start, end, ctx_slots, mask in meta.prefills:
             # 4-D (1, H, T, D): with 3-D inputs SDPA falls back to its unfused math path on CPU, 4-7x
             # slower for a 512-token prompt (measured: fp32 288 -> 68 ms, bf16 225 -> 30 ms, 12 layers)
-            qp = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+            # in the cache's dtype, as decode reads it: int8 mode's prompts attend in bf16 like its
+            # decodes do (and 2.2x faster than fp32 SDPA: 512 tokens, 12 layers 44 -> 20 ms)
+            qp = q[start:end].transpose(0, 1).unsqueeze(0).to(kv.dtype)  # (1, H, T, D)
             if ctx_slots is None:  # chunk starts at position 0: its own K/V are the whole context
                 kp = kv[start:end, 0].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
                 vp = kv[start:end, 1].transpose(0, 1).unsqueeze(0)
@@ -391,7 +394,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 ctx = kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
                 kp, vp = ctx[:, 0].transpose(0, 1).unsqueeze(0), ctx[:, 1].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
-                o = F.scaled_dot_product_attention(qp.to(ctx.dtype), kp, vp, attn_mask=mask)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
             out[start:end] = o[0].transpose(0, 1)  # (T, H, D)
         return self.c_proj.forward_add(out.view(N, C), residual)
 

@@ -102,8 +102,8 @@ def test_prepare_for_serving_kernels_agree():
     """A whole tiny model: "auto" kernels give the logits the plain torch ops give."""
     cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64)
     ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
-    for dtype in ("bfloat16", "int8"):
-        pdt = torch.float32 if dtype == "int8" else torch.bfloat16
+    for dtype in ("float32", "bfloat16", "int8"):
+        pdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         logits = {}
         for kernels in ("torch", "auto"):
             m = GPT2LMHeadModel(cfg).init_random(seed=5).to(pdt)
@@ -138,3 +138,23 @@ def test_decode_attention_matches_gather_and_sdpa(dtype):
         ops.decode_attention(q, kv, slots, torch.tensor([0, 1, 1, 1, 1]))
     with pytest.raises(RuntimeError, match="slot out of range"):
         ops.decode_attention(q, kv, torch.full((B, L), S), lens)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+def test_gelu_tanh_matches_torch():
+    """GPT-2's GELU in place, against torch's tanh form: every size (a masked tail when the count is
+    not a multiple of 16), large magnitudes of both signs (exp's clamp), infinities."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 3072), (5, 17), (32, 3072), (3,)]:
+        x = torch.randn(shape, generator=g) * 4
+        x.view(-1)[0], x.view(-1)[-1] = -100.0, 100.0
+        ref = F.gelu(x, approximate="tanh")
+        y = x.clone()
+        ops.gelu_tanh_(y)
+        assert (y - ref).abs().max().item() < 1e-6, shape
+    y = torch.tensor([float("inf"), -30.0, -10.5, 0.0, 30.0])
+    ops.gelu_tanh_(y)
+    assert y[0] == float("inf") and y[3] == 0 and y[4] == 30.0 and abs(y[1]) < 1e-30 and abs(y[2]) < 1e-20
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        ops.gelu_tanh_(torch.zeros(4, 4).t())
