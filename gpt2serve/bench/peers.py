@@ -23,7 +23,9 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -656,15 +658,17 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"engine": engine, "version": None, "errors": {}}
             for dtype in dtypes:
                 res = spawn_worker(engine, [dtype], model_dir, work, args)
-                if engine == "llama.cpp" and "signal 4" in str(res.get("errors")):
-                    # llama.cpp's AMX kernels (weights repacked for AMX at load) hit an illegal
-                    # instruction on our AMX machine even with tile permission granted; measure its
-                    # AVX-512 kernels instead and say so
-                    log(f"llama.cpp {dtype}: SIGILL in its AMX kernels; again without weight repacking")
+                died = re.search(r"killed by signal (\d+)", str(res.get("errors")))
+                if engine == "llama.cpp" and died:
+                    # llama.cpp's AMX kernels (weights repacked for AMX at load) died on our AMX
+                    # machines even with tile permission granted: SIGILL on one, SIGSEGV on another.
+                    # Measure its AVX-512 kernels instead and say so
+                    sig = signal.Signals(int(died.group(1))).name if int(died.group(1)) in signal.valid_signals() else died.group(1)
+                    log(f"llama.cpp {dtype}: {sig} with weight repacking; again without it")
                     res = spawn_worker(engine, [dtype], model_dir, work, args, env={NO_REPACK_ENV: "1"})
                     if res["results"]:
                         report["notes"].append(f"llama.cpp {dtype}: measured with weight repacking off "
-                                               f"(use_extra_bufts=False): its AMX kernels died with SIGILL on this machine")
+                                               f"(use_extra_bufts=False): with it (its AMX kernels) the worker died of {sig} on this machine")
                 entry["version"] = entry["version"] or res.get("version")
                 entry["errors"].update({(dtype if k == "*" else k): v for k, v in (res.get("errors") or {}).items()})
                 report["results"] += res["results"]
