@@ -434,7 +434,57 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
+class DecodeLayers:
+    """All blocks of a decode step of <= `max_rows` sequences as one call of the kernels'
+    `decode_layers`, which runs the ops the Python blocks run, in the same order (same result to
+    the bit; tests/model/test_kernels.py). At batch 1 the ~15 ops a block dispatches from Python
+    cost ~1.5 ms a step for 12 layers, about what int8's weights take to stream.
+
+    Built by prepare_for_serving when every projection of the blocks has the kernel's layout:
+    int8 (Int8Conv1D with its GEMV), bf16 (Bf16Conv1D with its GEMV) or fp32 (plain Conv1D, whose
+    addmm streams fp32 weights as fast as the memory allows here)."""
+
+    max_rows = 4  # the projections' GEMV limit (Int8Conv1D/Bf16Conv1D.gemv_rows)
+
+    def __init__(self, ops, blocks, mode: int, act: int, eps: float, n_head: int):
+        empty = torch.empty(0)
+        self.ops, self.mode, self.act, self.eps, self.n_head = ops, mode, act, eps, n_head
+        self.params: list[torch.Tensor] = []
+        for b in blocks:
+            self.params += [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
+            for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
+                if mode == 0:
+                    self.params += [m.q, m.qsum, m.scale, m.bias if m.bias is not None else empty]
+                elif mode == 1:
+                    self.params += [m.weight, m.bias_f32 if m.bias_f32 is not None else empty, empty, empty]
+                else:
+                    self.params += [m.weight, m.bias, empty, empty]
+
+    @classmethod
+    def build(cls, model: "GPT2LMHeadModel", ops) -> "DecodeLayers | None":
+        blocks = model.transformer.h
+        convs = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        if ops is None or not hasattr(ops, "decode_layers") or any(b.attn.paged_ops is None for b in blocks):
+            return None
+        if all(isinstance(m, Int8Conv1D) and m.gemv is not None for m in convs):
+            mode = 0
+        elif all(isinstance(m, Bf16Conv1D) and m.gemv is not None for m in convs):
+            mode = 1
+        elif all(type(m) is Conv1D and m.weight.dtype == torch.float32 for m in convs):
+            mode = 2
+        else:
+            return None
+        act = _GEMV_ACT[blocks[0].mlp.approximate]
+        return cls(ops, blocks, mode, act, model.config.layer_norm_epsilon, model.config.n_head)
+
+    def __call__(self, x: torch.Tensor, cache: "KVCache", meta: AttentionMetadata) -> torch.Tensor:
+        return self.ops.decode_layers(x, self.params, cache.kv, meta.slot_mapping, meta.decode_gather,
+                                      meta.decode_lens, self.mode, self.eps, self.n_head, self.act)
+
+
 class GPT2LMHeadModel(nn.Module):
+    _decode_layers: DecodeLayers | None = None  # set by prepare_for_serving where the kernels allow
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -447,8 +497,13 @@ class GPT2LMHeadModel(nn.Module):
         """input_ids, positions: (N,) -> hidden states after ln_f: (N, C)."""
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions)  # (N, C)
-        for i, block in enumerate(t.h):
-            x = block(x, i, cache, meta)
+        fused = self._decode_layers
+        if fused is not None and meta.num_decode == x.shape[0] <= fused.max_rows and meta.decode_lens is not None:
+            # a small decode step: every block in one call to the kernels (the same ops, see DecodeLayers)
+            x = fused(x, cache, meta)
+        else:
+            for i, block in enumerate(t.h):
+                x = block(x, i, cache, meta)
         return t.ln_f(x)
 
     @torch.inference_mode()
@@ -507,12 +562,13 @@ class GPT2LMHeadModel(nn.Module):
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
         if replace is None:
             self._lm_head = wte.t().contiguous()
-            return self
-        for block in self.transformer.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                conv = getattr(parent, name)
-                setattr(parent, name, replace(conv.weight, conv.bias))
-        self._lm_head = replace(wte.t(), None)  # int8: per-vocab-row scales
+        else:
+            for block in self.transformer.h:
+                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                    conv = getattr(parent, name)
+                    setattr(parent, name, replace(conv.weight, conv.bias))
+            self._lm_head = replace(wte.t(), None)  # int8: per-vocab-row scales
+        self._decode_layers = DecodeLayers.build(self, gemv)
         return self
 
     def init_random(self, seed: int = 0) -> "GPT2LMHeadModel":

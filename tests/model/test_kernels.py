@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve import kernels
-from gpt2serve.model.gpt2 import Bf16Conv1D, Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D
+from gpt2serve.model.gpt2 import AttentionMetadata, Bf16Conv1D, Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D, KVCache
 from .helpers import forward_logits
 
 ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37)
@@ -158,3 +158,37 @@ def test_gelu_tanh_matches_torch():
     assert y[0] == float("inf") and y[3] == 0 and y[4] == 30.0 and abs(y[1]) < 1e-30 and abs(y[2]) < 1e-20
     with pytest.raises(RuntimeError, match="contiguous fp32"):
         ops.gelu_tanh_(torch.zeros(4, 4).t())
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_decode_layers_equals_the_python_blocks(dtype, batch):
+    """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
+    cache writes to the bit (the same ops in the same order), at uneven context lengths."""
+    if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
+    m = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    m.prepare_for_serving(int8=dtype == "int8")
+    fused = m._decode_layers
+    assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1, "float32": 2}[dtype]
+    g = torch.Generator().manual_seed(1)
+    bs, lens = 16, [5, 17, 1, 30][:batch]
+    cache = KVCache(cfg, 16, bs, m.kv_dtype, torch.device("cpu"))
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(cache.kv.dtype))  # contexts already cached
+    blocks = torch.randperm(16, generator=g)[: 2 * batch].view(batch, 2)  # 2 scattered blocks per sequence
+    pos = torch.tensor(lens) - 1  # each sequence's new token is the last of its context
+    gather = torch.stack([blk[torch.arange(32) // bs] * bs + torch.arange(32) % bs for blk in blocks])  # (B, 32)
+    meta = AttentionMetadata(num_decode=batch, slot_mapping=gather[torch.arange(batch), pos].contiguous(),
+                             decode_gather=gather, decode_mask=None, prefills=[], decode_lens=torch.tensor(lens))
+    ids = torch.randint(0, 300, (batch,), generator=g)
+    kv0 = cache.kv.clone()
+    out_fused = m(ids, pos, cache, meta)
+    kv_fused = cache.kv.clone()
+    cache.kv.copy_(kv0)
+    m._decode_layers = None
+    out_python = m(ids, pos, cache, meta)
+    m._decode_layers = fused
+    assert torch.equal(out_fused, out_python)
+    assert torch.equal(kv_fused, cache.kv) and not torch.equal(kv0, cache.kv)
