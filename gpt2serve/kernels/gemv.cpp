@@ -241,11 +241,24 @@ inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits go t
 }
 
 template <typename T>
+inline void prefetch_head(const T* p, int64_t D) {  // one head's D values of one slot
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
+}
+
+template <typename T>
 void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int64_t H, int64_t D, int64_t h,
             float scale, float* scores, float* out) {
-  const int64_t row = 2 * H * D;  // elements per slot; D is a multiple of 16 (checked)
+  const int64_t row = 2 * H * D;  // elements per slot; D is a multiple of 16, at most 128 (checked)
+  constexpr int64_t kAhead = 8;  // slots ahead: a slot's head sits 2HD elements from the next one's,
+                                 // a stride the hardware prefetchers do not follow (1.6x measured)
   float mx = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
+    if (j + kAhead < len) {
+      const T* nk = kv + slots[j + kAhead] * row + h * D;
+      prefetch_head(nk, D);
+      prefetch_head(nk + H * D, D);  // its V, for the second pass
+    }
     const T* k = kv + slots[j] * row + h * D;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
@@ -256,12 +269,16 @@ void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int6
   float sum = 0.f;
   for (int64_t j = 0; j < len; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
   const float inv = 1.f / sum;
-  for (int64_t d = 0; d < D; d += 16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < len; ++j)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j] * inv), load16(kv + slots[j] * row + H * D + h * D + d), acc);
-    _mm512_storeu_ps(out + d, acc);
+  // the weighted sum of V, one slot's head at a time (each read once, front to back)
+  __m512 acc[8];
+  const int64_t nd = D / 16;
+  for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    const T* v = kv + slots[j] * row + H * D + h * D;
+    const __m512 w = _mm512_set1_ps(scores[j] * inv);
+    for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_fmadd_ps(w, load16(v + 16 * d), acc[d]);
   }
+  for (int64_t d = 0; d < nd; ++d) _mm512_storeu_ps(out + 16 * d, acc[d]);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
@@ -271,7 +288,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
               slots.size(0) == q.size(0) && lens.numel() == q.size(0), "decode_attention: int64 slots (B, L), lens (B,)");
   TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16, "decode_attention: fp32 or bf16 cache");
-  TORCH_CHECK(q.size(2) % 16 == 0, "decode_attention: head_dim must be a multiple of 16");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1), S = kv.size(0);
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, D}, qf.options());
