@@ -199,9 +199,11 @@ async def run_level(client, cfg: ServeConfig, model: str, concurrency: int, bar=
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample_rss()) if cfg.server_pid else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
+    # the load generator's own CPU: on a small machine it competes with the server it measures
+    client_cpu = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
     if sampler:
         sampler.cancel()
     window = None
@@ -212,6 +214,7 @@ async def run_level(client, cfg: ServeConfig, model: str, concurrency: int, bar=
         wall = time.perf_counter() - min(r.start for r in results) if results else wall
     level = summarize_level(results, wall, concurrency, window)
     level["arrivals"] = "staggered" if staggered else "burst"
+    level["client_cpu_cores"] = client_cpu
     if rss_samples:
         level["server_rss_max_bytes"] = max(rss_samples)
     return level
@@ -302,6 +305,10 @@ def format_markdown(report: dict) -> str:
             f"| {lv['concurrency']} | {lv['tok_s']:.1f} | {f(lv['ttft_ms']['p50'])} | {f(lv['ttft_ms']['p99'])} "
             f"| {f(lv['ttft_p50_over_idle'], '.2f')}x | {f(lv['itl_ms']['p50'], '.1f')} | {f(lv['itl_ms']['p99'], '.1f')} "
             f"| {f(lv['tpot_ms']['p50'], '.1f')} | {f(lv['e2e_ms']['p50'])} | {f(lv['e2e_ms']['p99'])} | {lv['errors']} |")
+    cpu = [lv.get("client_cpu_cores") for lv in report["levels"]]
+    if any(c is not None for c in cpu):
+        lines += ["", "Load generator's own CPU (cores, same machine as the server): " + ", ".join(
+            f"{lv['concurrency']} streams {c:.2f}" for lv, c in zip(report["levels"], cpu) if c is not None)]
     if report.get("server_peak_rss_bytes"):
         lines += ["", f"Server peak resident memory (VmHWM, pid {report['server_pid']}): "
                       f"{report['server_peak_rss_bytes'] / 2**20:.0f} MiB"]

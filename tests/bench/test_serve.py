@@ -28,12 +28,14 @@ def test_serve_smoke(live_server, tmp_path, capsys):
         assert lv["tok_s"] > 0 and lv["ttft_p50_over_idle"] > 0
         assert lv["itl_ms"]["n"] >= 1
         assert lv["arrivals"] == ("burst" if lv["concurrency"] == 1 else "staggered")
+        assert lv["client_cpu_cores"] > 0
     # concurrency 3, staggered: the window runs from the last lead-in's end to the first client's end
     lv3 = report["levels"][1]
     assert lv3["steady_window_s"] is not None and lv3["tok_s_wall"] > 0
     # the server runs in this process, so its peak RSS is ours
     assert report["server_pid"] == os.getpid() and report["server_peak_rss_bytes"] > 0
     assert "Server peak resident memory" in (out / "serve.md").read_text()
+    assert "Load generator's own CPU" in (out / "serve.md").read_text()
     assert (out / "serve.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 3 |" in capsys.readouterr().out
 
