@@ -281,6 +281,48 @@ void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int6
   for (int64_t d = 0; d < nd; ++d) _mm512_storeu_ps(out + 16 * d, acc[d]);
 }
 
+// Every head of one sequence at once: a slot's K (then V) of all heads is one contiguous row of
+// H * D values, read front to back, where attend() reads one head's D values from each slot, a
+// strided walk. The same arithmetic in the same order per head, so the same results. Used when
+// there are enough sequences to share among the threads (batch 32, 12 layers: 9.7 -> 8.6 ms bf16).
+// scores: (H, len) scratch; out: (H, D).
+template <typename T>
+void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+                float scale, float* scores, float* out) {
+  const int64_t row = 2 * H * D;
+  std::vector<float> mx(H, -INFINITY);
+  for (int64_t j = 0; j < len; ++j) {
+    const T* k = kv + slots[j] * row;
+    if (j + 2 < len) {  // two slots ahead: the next rows' K and V (each row 1.5-3 KiB contiguous)
+      const char* n = reinterpret_cast<const char*>(kv + slots[j + 2] * row);
+      for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(n + off, _MM_HINT_T0);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), load16(k + h * D + d), acc);
+      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      scores[h * len + j] = sc;
+      mx[h] = std::max(mx[h], sc);
+    }
+  }
+  std::vector<float> inv(H);
+  for (int64_t h = 0; h < H; ++h) {
+    float sum = 0.f;
+    float* sh = scores + h * len;
+    for (int64_t j = 0; j < len; ++j) sum += (sh[j] = std::exp(sh[j] - mx[h]));
+    inv[h] = 1.f / sum;
+  }
+  for (int64_t i = 0; i < H * D; ++i) out[i] = 0.f;
+  for (int64_t j = 0; j < len; ++j) {
+    const T* v = kv + slots[j] * row + H * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 w = _mm512_set1_ps(scores[h * len + j] * inv[h]);
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(out + h * D + d, _mm512_fmadd_ps(w, load16(v + h * D + d), _mm512_loadu_ps(out + h * D + d)));
+    }
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
               "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
@@ -301,6 +343,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  if (B >= 2 * at::get_num_threads()) {  // a few whole sequences per thread
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scores(H * L);
+      for (int64_t b = b0; b < b1; ++b) {
+        if (kv.scalar_type() == at::kFloat)
+          attend_seq<float>(qp + b * H * D, kv.data_ptr<float>(), sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
+        else
+          attend_seq<at::BFloat16>(qp + b * H * D, kv.data_ptr<at::BFloat16>(), sp + b * L, lp[b], H, D, scale, scores.data(),
+                                   op + b * H * D);
+      }
+    });
+    return out.to(q.scalar_type());
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(L);
     for (int64_t i = i0; i < i1; ++i) {
