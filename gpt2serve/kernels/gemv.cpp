@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -343,10 +344,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  if (B >= 2 * at::get_num_threads()) {  // a few whole sequences per thread
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t threads = at::get_num_threads();
+  if (B >= 2 * threads) {  // a few whole sequences per thread
+    // handed out one at a time: contexts differ in length (a served batch holds requests at every
+    // stage), and equal halves of the batch would leave one thread waiting for the other
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<float> scores(H * L);
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b; (b = next.fetch_add(1)) < B;) {
         if (kv.scalar_type() == at::kFloat)
           attend_seq<float>(qp + b * H * D, kv.data_ptr<float>(), sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
         else
