@@ -387,7 +387,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
 // (c_attn, attn.c_proj, c_fc, mlp.c_proj):
 //   mode 0 (int8): q (out, in) int8, row sums int32, scales fp32, bias fp32 (or empty)
 //   mode 1 (bf16): w (out, in) bf16, bias fp32 (or empty), -, -
-//   mode 2 (fp32): weight (in, out) fp32, bias fp32, -, -   (torch's addmm: MKL streams fp32 well)
+//   mode 2 (fp32): weight (in, out) fp32, bias fp32 (or empty), -, -   (addmm: MKL's GEMV at one row)
 // kv: (n_layer, S, 2, H, D); slot_mapping (B,), slots (B, L), lens (B,) as for decode_attention.
 // act: 1 = GELU tanh (gelu_new), 2 = exact GELU. Returns the hidden state before ln_f.
 at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const at::Tensor& kv,
@@ -405,7 +405,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     const c10::optional<at::Tensor> res = residual ? c10::optional<at::Tensor>(residual->contiguous()) : c10::nullopt;
     if (mode == 0) return gemv_int8(x.to(at::kFloat).contiguous(), p[0], p[1], p[2], opt(p[3]), res, a);
     if (mode == 1) return gemv_bf16(x.contiguous(), p[0], opt(p[1]), res, a);
-    at::Tensor y = at::addmm(p[1], x, p[0]);
+    at::Tensor y = p[1].numel() ? at::addmm(p[1], x, p[0]) : at::mm(x, p[0]);
     if (a == 1) gelu_tanh_(y);
     else if (a == 2) y = at::gelu(y, "none");
     return residual ? *residual + y : y;

@@ -252,6 +252,51 @@ class Bf16Conv1D(nn.Module):
         )
 
 
+class F32Conv1D(nn.Module):
+    """Conv1D in fp32 on CPUs with oneDNN: one row (batch-1 decode) is MKL's `x @ W` on the
+    checkpoint's (in, out) weight, which streams fp32 weights as fast as the memory allows here;
+    more rows are oneDNN's linear on a weight it reordered once, with GELU and the residual add as
+    post-ops. Over the 48 block matmuls of GPT-2 124M on the 2-core AMX machine (ms, same runs):
+
+    | rows | 1 | 2 | 4 | 8 | 32 | 512 |
+    |---|---|---|---|---|---|---|
+    | addmm, (in, out) | 11.9 | 20.4 | 21.3 | 22.2 | 36.7 | 269 |
+    | oneDNN, packed | 14.4 | 15.2 | 15.8 | 18.2 | 30.5 | 255 |
+
+    (MKL moves from its GEMV to its GEMM at 2 rows.) Both weights are kept: one more fp32 copy of
+    the blocks' weights, 340 MB for GPT-2 124M.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight.detach()  # (in, out), for addmm and the kernels' decode_layers
+        self.bias = None if bias is None else bias.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), 16)
+        self.gelu_ops = None  # set by prepare_for_serving: gpt2serve/kernels' GELU for the one-row path
+
+    def _addmm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self._addmm(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return gelu(self._addmm(x), approximate, self.gelu_ops)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return residual + self._addmm(x)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.packed, self.bias, "add")
+
+    @staticmethod
+    def supported(dtype: torch.dtype, device: torch.device) -> bool:
+        return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def has_amx() -> bool:
     """Whether this CPU has AMX tiles (Sapphire Rapids and later) and the kernel lets us use them."""
     init = getattr(torch._C._cpu, "_init_amx", None)
@@ -441,15 +486,15 @@ class DecodeLayers:
     cost ~1.5 ms a step for 12 layers, about what int8's weights take to stream.
 
     Built by prepare_for_serving when every projection of the blocks has the kernel's layout:
-    int8 (Int8Conv1D with its GEMV), bf16 (Bf16Conv1D with its GEMV) or fp32 (plain Conv1D, whose
-    addmm streams fp32 weights as fast as the memory allows here)."""
+    int8 (Int8Conv1D with its GEMV), bf16 (Bf16Conv1D with its GEMV) or fp32 (F32Conv1D, whose
+    one-row addmm streams fp32 weights as fast as the memory allows here)."""
 
     def __init__(self, ops, blocks, mode: int, act: int, eps: float, n_head: int):
         empty = torch.empty(0)
         self.ops, self.mode, self.act, self.eps, self.n_head = ops, mode, act, eps, n_head
         # int8/bf16: the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570 vs
-        # 480-492 tok/s); fp32 runs addmm at any row count, up to the kernel's 8 (batch 8: +5%)
-        self.max_rows = 8 if mode == 2 else min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows)
+        # 480-492 tok/s); fp32: one row, MKL's GEMV (from 2 rows F32Conv1D's oneDNN path is faster)
+        self.max_rows = 1 if mode == 2 else min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows)
         self.params: list[torch.Tensor] = []
         for b in blocks:
             self.params += [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
@@ -459,7 +504,7 @@ class DecodeLayers:
                 elif mode == 1:
                     self.params += [m.weight, m.bias_f32 if m.bias_f32 is not None else empty, empty, empty]
                 else:
-                    self.params += [m.weight, m.bias, empty, empty]
+                    self.params += [m.weight, m.bias if m.bias is not None else empty, empty, empty]
 
     @classmethod
     def build(cls, model: "GPT2LMHeadModel", ops) -> "DecodeLayers | None":
@@ -471,7 +516,7 @@ class DecodeLayers:
             mode = 0
         elif all(isinstance(m, Bf16Conv1D) and m.gemv is not None for m in convs):
             mode = 1
-        elif all(type(m) is Conv1D and m.weight.dtype == torch.float32 for m in convs):
+        elif all(isinstance(m, F32Conv1D) for m in convs):
             mode = 2
         else:
             return None
@@ -561,8 +606,14 @@ class GPT2LMHeadModel(nn.Module):
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
+        elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
+            for block in self.transformer.h:
+                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                    conv = getattr(parent, name)
+                    setattr(parent, name, F32Conv1D(conv.weight, conv.bias))
+                block.mlp.c_fc.gelu_ops = gemv
         if replace is None:
-            self._lm_head = wte.t().contiguous()
+            self._lm_head = wte.t().contiguous()  # fp32: `x @ W`, MKL's GEMV at one row
         else:
             for block in self.transformer.h:
                 for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
