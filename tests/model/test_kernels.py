@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve import kernels
-from gpt2serve.model.gpt2 import AttentionMetadata, Bf16Conv1D, Conv1D, GPT2Config, GPT2LMHeadModel, Int8Conv1D, KVCache
+from gpt2serve.model.gpt2 import (AttentionMetadata, Bf16Conv1D, Conv1D, F32Conv1D, GPT2Config, GPT2LMHeadModel,
+                                  Int8Conv1D, KVCache)
 from .helpers import forward_logits
 
 ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37)
@@ -96,6 +97,18 @@ def test_int8_matches_conv1d(amx, gemv):
     assert (kernel._packed_amx is not None) == amx
     assert (kernel.gemv is not None) == gemv
     _check(kernel, ref, torch.float32, 0.03)
+
+
+@pytest.mark.skipif(not F32Conv1D.supported(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
+def test_f32_matches_conv1d():
+    """fp32: MKL's addmm at one row (identical to Conv1D), oneDNN's packed linear with its GELU and
+    add post-ops from two rows (fp32 rounding order only)."""
+    ref = _conv(64, 192)
+    kernel = F32Conv1D(ref.weight, ref.bias)
+    _check(kernel, ref, torch.float32, 1e-5)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        assert torch.equal(kernel(x), ref(x))
 
 
 def test_prepare_for_serving_kernels_agree():
