@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,7 +18,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
-    prefill_first_tokens: int = 256  # new prompts up to this many tokens get a step of their own
+    prefill_first_tokens: int = Field(256, ge=0)  # new prompts up to this many tokens get a step of their own
     max_queue: int = 256  # waiting requests before 429 overloaded
     kv_cache_memory: str = "auto"  # bytes (e.g. "2GiB") or auto
     threads: int | None = None  # torch intra-op threads; default: the machine's cores

@@ -102,3 +102,11 @@ def test_cli_flags_override_environment(monkeypatch):
     assert (s.model, s.port, s.auth, s.max_queue, s.max_num_seqs) == ("random:gpt2", 8123, False, 3, 7)
     assert s.kv_cache_memory == "1GiB" and s.database_url == "sqlite:///x.db"
     assert settings_from_args(parser().parse_args([])).auth is True
+
+
+def test_cli_rejects_a_negative_prefill_first_budget(capsys):
+    from gpt2serve.api.cli import main
+
+    assert settings_from_args(parser().parse_args(["--prefill-first-tokens", "0"])).prefill_first_tokens == 0
+    assert main(["--prefill-first-tokens", "-1"]) == 2  # before loading anything
+    assert "prefill_first_tokens" in capsys.readouterr().err
