@@ -324,25 +324,35 @@ void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, 
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
-  TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
+// The arguments' shapes for B queries of H heads of D values, and every length and slot in range
+// (the kernel reads the cache at them).
+void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == H && kv.size(3) == D,
               "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
   TORCH_CHECK(kv.is_contiguous() && slots.is_contiguous() && lens.is_contiguous(), "decode_attention: contiguous kv, slots, lens");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
-              slots.size(0) == q.size(0) && lens.numel() == q.size(0), "decode_attention: int64 slots (B, L), lens (B,)");
+              slots.size(0) == B && lens.numel() == B, "decode_attention: int64 slots (B, L), lens (B,)");
   TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16, "decode_attention: fp32 or bf16 cache");
-  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1), S = kv.size(0);
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B, H, D}, qf.options());
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
+  const int64_t L = slots.size(1), S = kv.size(0);
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: length out of range");
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
   }
+}
+
+// decode_attention without the checks: for arguments check_paged has passed (decode_layers checks
+// a step's slots once, not once per layer).
+at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1);
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, H, D}, qf.options());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t threads = at::get_num_threads();
   if (B >= 2 * threads) {  // a few whole sequences per thread
@@ -374,6 +384,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
     }
   });
   return out.to(q.scalar_type());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+  TORCH_CHECK(q.dim() == 3, "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
+  check_paged(q.size(0), q.size(1), q.size(2), kv, slots, lens);
+  return decode_attention_unchecked(q, kv, slots, lens);
 }
 
 // ------------------------------------------------------------------------- decode layers
@@ -410,6 +426,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     else if (a == 2) y = at::gelu(y, "none");
     return residual ? *residual + y : y;
   };
+  // the step's slots and lengths are the same for every layer: checked once
+  check_paged(B, H, D, kv.select(0, 0), slots, lens);
   at::Tensor x = x_in;
   for (int64_t i = 0; i < n_layer; ++i) {
     const at::Tensor* p = params.data() + i * kPer;
@@ -418,7 +436,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
     at::Tensor q = qkv.narrow(1, 0, C).view({B, H, D});
     kv_l.index_copy_(0, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}).to(kv.scalar_type()));
-    at::Tensor o = decode_attention(q, kv_l, slots, lens);  // (B, H, D)
+    at::Tensor o = decode_attention_unchecked(q, kv_l, slots, lens);  // (B, H, D)
     x = proj(p + 8, o.reshape({B, C}), 0, &x);
     h = at::layer_norm(x, {C}, p[2], p[3], eps);
     x = proj(p + 16, proj(p + 12, h, act, nullptr), 0, &x);

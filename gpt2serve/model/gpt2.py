@@ -267,12 +267,12 @@ class F32Conv1D(nn.Module):
     the blocks' weights, 340 MB for GPT-2 124M.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None):
         super().__init__()
         self.weight = weight.detach()  # (in, out), for addmm and the kernels' decode_layers
         self.bias = None if bias is None else bias.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), 16)
-        self.gelu_ops = None  # set by prepare_for_serving: gpt2serve/kernels' GELU for the one-row path
+        self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the one-row path
 
     def _addmm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
@@ -585,6 +585,7 @@ class GPT2LMHeadModel(nn.Module):
         wte = self.transformer.wte.weight.detach()
         self.kv_dtype = wte.dtype
         replace = None
+        fp32 = False
         gemv = None
         if kernels == "auto" and wte.device.type == "cpu":
             from gpt2serve.kernels import gemv as load_gemv
@@ -593,7 +594,7 @@ class GPT2LMHeadModel(nn.Module):
             for block in self.transformer.h if gemv is not None else ():
                 if self.config.head_dim % 16 == 0:
                     block.attn.paged_ops = gemv  # decode attention over the paged cache, every dtype
-                block.mlp.c_fc.gelu_ops = gemv  # fp32 Conv1D (int8 takes it below; bf16 fuses its own)
+                block.mlp.c_fc.gelu_ops = gemv  # plain fp32 Conv1D; the modules below take it as an argument
         if int8:
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
@@ -607,19 +608,15 @@ class GPT2LMHeadModel(nn.Module):
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
-            for block in self.transformer.h:
-                for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                    conv = getattr(parent, name)
-                    setattr(parent, name, F32Conv1D(conv.weight, conv.bias))
-                block.mlp.c_fc.gelu_ops = gemv
-        if replace is None:
-            self._lm_head = wte.t().contiguous()  # fp32: `x @ W`, MKL's GEMV at one row
-        else:
+            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv)  # noqa: E731
+            fp32 = True
+        if replace is not None:
             for block in self.transformer.h:
                 for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                     conv = getattr(parent, name)
                     setattr(parent, name, replace(conv.weight, conv.bias))
-            self._lm_head = replace(wte.t(), None)  # int8: per-vocab-row scales
+        # int8 (per-vocab-row scales) and bf16 replace the head too; fp32 keeps `x @ W`, MKL's GEMV at one row
+        self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self
 
