@@ -670,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                     # llama.cpp's AMX kernels (weights repacked for AMX at load) died on our AMX
                     # machines even with tile permission granted: SIGILL on one, SIGSEGV on another.
                     # Measure its AVX-512 kernels instead and say so
-                    sig = signal.Signals(int(died.group(1))).name if int(died.group(1)) in signal.valid_signals() else died.group(1)
+                    num = int(died.group(1))
+                    sig = signal.Signals(num).name if num in signal.valid_signals() else f"signal {num}"
                     log(f"llama.cpp {dtype}: {sig} with weight repacking; again without it")
                     res = spawn_worker(engine, [dtype], model_dir, work, args, env={NO_REPACK_ENV: "1"})
                     if res["results"]:
