@@ -253,43 +253,63 @@ class Bf16Conv1D(nn.Module):
 
 
 class F32Conv1D(nn.Module):
-    """Conv1D in fp32 on CPUs with oneDNN: one row (batch-1 decode) is MKL's `x @ W` on the
-    checkpoint's (in, out) weight, which streams fp32 weights as fast as the memory allows here;
-    more rows are oneDNN's linear on a weight it reordered once, with GELU and the residual add as
-    post-ops. Over the 48 block matmuls of GPT-2 124M on the 2-core AMX machine (ms, same runs):
+    """Conv1D in fp32 on CPUs with oneDNN. Calls of up to `gemv_rows` rows (decode at small batch)
+    run the hand-written AVX-512 GEMV of gpt2serve/kernels on the (out, in) weight where it could be
+    built here, else MKL's `x @ W` on the checkpoint's (in, out) weight; more rows run oneDNN's
+    linear on a weight it reordered once, with GELU and the residual add as post-ops.
+    Over the 48 block matmuls of GPT-2 124M (ms, same runs):
 
     | rows | 1 | 2 | 4 | 8 | 32 | 512 |
     |---|---|---|---|---|---|---|
-    | addmm, (in, out) | 11.9 | 20.4 | 21.3 | 22.2 | 36.7 | 269 |
-    | oneDNN, packed | 14.4 | 15.2 | 15.8 | 18.2 | 30.5 | 255 |
+    | addmm, (in, out), Intel (AMX machine) | 11.9 | 20.4 | 21.3 | 22.2 | 36.7 | 269 |
+    | oneDNN, packed, Intel | 14.4 | 15.2 | 15.8 | 18.2 | 30.5 | 255 |
+    | addmm, AMD Zen 4 | 21.1 | 32.6 | 42.4 | 43.6 | - | - |
+    | oneDNN, packed, AMD Zen 4 | 17.0 | 17.7 | 14.4 | 16.0 | - | - |
+    | GEMV kernel, AMD Zen 4 | 10.9 | 11.9 | 13.2 | 17.9 | - | - |
 
-    (MKL moves from its GEMV to its GEMM at 2 rows.) Both weights are kept: one more fp32 copy of
-    the blocks' weights, 340 MB for GPT-2 124M.
+    (MKL moves from its GEMV to its GEMM at 2 rows, and on AMD CPUs takes no AVX-512 path.) Two
+    copies of the blocks' weights are kept, the plain one for the small calls and oneDNN's: one
+    more fp32 copy, 340 MB for GPT-2 124M.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None):
-        super().__init__()
-        self.weight = weight.detach()  # (in, out), for addmm and the kernels' decode_layers
-        self.bias = None if bias is None else bias.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), 16)
-        self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the one-row path
+    gemv_rows = 4  # at 8 rows oneDNN's packed kernel is faster (16.0 vs 17.9 ms)
 
-    def _addmm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None, gemv=None):
+        super().__init__()
+        w_t = weight.detach().t().contiguous()  # (out, in); no copy when `weight` is a transposed view (the head's wte)
+        self.gemv = gemv if gemv is not None and w_t.shape[1] % 32 == 0 else None
+        # the small calls' plain weight: (out, in) for the GEMV, else the checkpoint's (in, out) for addmm
+        self.weight = w_t if self.gemv is not None else weight.detach()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w_t, 16)
+        self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the addmm path
+
+    def _small(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """A call of <= gemv_rows rows (GEMV), or one row (MKL's addmm) without the kernels.
+        act: None, or GELU's `approximate` ("tanh" / "none")."""
+        if self.gemv is not None:
+            return self.gemv.gemv_f32(x.contiguous(), self.weight, self.bias, residual, _GEMV_ACT[act])
+        y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
+        if act is not None:
+            y = gelu(y, act, self.gelu_ops)
+        return y if residual is None else residual + y
+
+    def _is_small(self, x: torch.Tensor) -> bool:
+        return x.shape[0] <= (self.gemv_rows if self.gemv is not None else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return self._addmm(x)
+        if self._is_small(x):
+            return self._small(x, None, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return gelu(self._addmm(x), approximate, self.gelu_ops)
+        if self._is_small(x):
+            return self._small(x, approximate, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return residual + self._addmm(x)
+        if self._is_small(x):
+            return self._small(x, None, residual.contiguous())
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.packed, self.bias, "add")
 
     @staticmethod
@@ -486,15 +506,13 @@ class DecodeLayers:
     cost ~1.5 ms a step for 12 layers, about what int8's weights take to stream.
 
     Built by prepare_for_serving when every projection of the blocks has the kernel's layout:
-    int8 (Int8Conv1D with its GEMV), bf16 (Bf16Conv1D with its GEMV) or fp32 (F32Conv1D, whose
-    one-row addmm streams fp32 weights as fast as the memory allows here)."""
+    int8 (Int8Conv1D), bf16 (Bf16Conv1D) or fp32 (F32Conv1D), each with its GEMV."""
 
     def __init__(self, ops, blocks, mode: int, act: int, eps: float, n_head: int):
         empty = torch.empty(0)
         self.ops, self.mode, self.act, self.eps, self.n_head = ops, mode, act, eps, n_head
-        # int8/bf16: the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570 vs
-        # 480-492 tok/s); fp32: one row, MKL's GEMV (from 2 rows F32Conv1D's oneDNN path is faster)
-        self.max_rows = 1 if mode == 2 else min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows)
+        # the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570 vs 480-492 tok/s)
+        self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
         self.params: list[torch.Tensor] = []
         for b in blocks:
             self.params += [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
@@ -516,7 +534,7 @@ class DecodeLayers:
             mode = 0
         elif all(isinstance(m, Bf16Conv1D) and m.gemv is not None for m in convs):
             mode = 1
-        elif all(isinstance(m, F32Conv1D) for m in convs):
+        elif all(isinstance(m, F32Conv1D) and m.gemv is not None for m in convs):
             mode = 2
         else:
             return None
@@ -608,14 +626,15 @@ class GPT2LMHeadModel(nn.Module):
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
-            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv)  # noqa: E731
-            fp32 = True
+            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv)  # noqa: E731
+            fp32 = gemv is None
         if replace is not None:
             for block in self.transformer.h:
                 for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                     conv = getattr(parent, name)
                     setattr(parent, name, replace(conv.weight, conv.bias))
-        # int8 (per-vocab-row scales) and bf16 replace the head too; fp32 keeps `x @ W`, MKL's GEMV at one row
+        # int8 (per-vocab-row scales), bf16 and fp32 with the kernels replace the head too (fp32's GEMV
+        # reads wte itself, its (out, in) weight); fp32 without them keeps `x @ W`, MKL's GEMV at one row
         self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self

@@ -100,15 +100,22 @@ def test_int8_matches_conv1d(amx, gemv):
 
 
 @pytest.mark.skipif(not F32Conv1D.supported(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
-def test_f32_matches_conv1d():
-    """fp32: MKL's addmm at one row (identical to Conv1D), oneDNN's packed linear with its GELU and
-    add post-ops from two rows (fp32 rounding order only)."""
+@pytest.mark.parametrize("gemv", [False, GEMV], ids=["addmm", "gemv"])
+def test_f32_matches_conv1d(gemv):
+    """fp32: the GEMV up to 4 rows (or without it MKL's addmm at one row, identical to Conv1D),
+    oneDNN's packed linear with its GELU and add post-ops above (fp32 rounding order only)."""
     ref = _conv(64, 192)
-    kernel = F32Conv1D(ref.weight, ref.bias)
+    kernel = F32Conv1D(ref.weight, ref.bias, gemv=kernels.gemv() if gemv else None)
+    assert (kernel.gemv is not None) == gemv
     _check(kernel, ref, torch.float32, 1e-5)
     x = torch.randn(1, 64)
     with torch.inference_mode():
-        assert torch.equal(kernel(x), ref(x))
+        assert gemv or torch.equal(kernel(x), ref(x))
+        # the head's case: a transposed view of an (out, in) weight is read in place, not copied
+        wte = torch.randn(300, 64)
+        head = F32Conv1D(wte.t(), None, gemv=kernels.gemv() if gemv else None)
+        assert head.weight.data_ptr() == wte.data_ptr()
+        assert _rel(head(x), x @ wte.t()) < 1e-5
 
 
 def test_prepare_for_serving_kernels_agree():
@@ -177,8 +184,8 @@ def test_gelu_tanh_matches_torch():
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-@pytest.mark.parametrize("dtype,batch", [("float32", 1)] + [(d, b) for d in ("bfloat16", "int8") for b in (1, 3, 4)])
-# fp32 takes one row, bf16 and int8 up to 4 (DecodeLayers.max_rows)
+@pytest.mark.parametrize("dtype,batch", [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4)])
+# up to 4 rows (DecodeLayers.max_rows)
 def test_decode_layers_equals_the_python_blocks(dtype, batch):
     """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
     cache writes to the bit (the same ops in the same order), at uneven context lengths."""
@@ -189,7 +196,7 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch):
     m.prepare_for_serving(int8=dtype == "int8")
     fused = m._decode_layers
     assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1, "float32": 2}[dtype]
-    assert fused.max_rows == (1 if dtype == "float32" else 4)
+    assert fused.max_rows == 4
     g = torch.Generator().manual_seed(1)
     bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16][:batch]
     cache = KVCache(cfg, 16, bs, m.kv_dtype, torch.device("cpu"))
