@@ -216,3 +216,42 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch):
     m._decode_layers = fused
     assert torch.equal(out_fused, out_python)
     assert torch.equal(kv_fused, cache.kv) and not torch.equal(kv0, cache.kv)
+
+
+@pytest.mark.parametrize("T", [1, 64, 300], ids=["one", "one-block", "uneven"])
+def test_causal_attention_matches_sdpa(T):
+    """Blocked causal attention (bf16 prompts from CausalSelfAttention.blocked_from tokens) equals fp32
+    causal SDPA within bf16's rounding, at lengths that are not a multiple of the block, and every
+    query sees exactly its own and earlier keys (a change to a later key moves nothing before it)."""
+    from gpt2serve.model.gpt2 import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    H, D = 3, 64
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    kb, vb = k.bfloat16(), v.bfloat16()
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kb.float().transpose(0, 1)[None],
+                                         vb.float().transpose(0, 1)[None], is_causal=True)[0]
+    out = causal_attention(q, kb, vb)
+    assert out.dtype == torch.bfloat16 and out.shape == (H, T, D)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    assert torch.equal(causal_attention(q.bfloat16(), kb, vb), causal_attention(q.bfloat16().float(), kb, vb))
+    if T > 1:
+        k2 = kb.clone()
+        k2[-1] += 1
+        moved = causal_attention(q, k2, vb)
+        assert torch.equal(moved[:, :-1], out[:, :-1]) and not torch.equal(moved[:, -1], out[:, -1])
+
+
+@pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")), reason="no native bf16 here")
+def test_long_bf16_prompt_blocked_attention_agrees_with_sdpa(monkeypatch):
+    """A bf16 prompt past blocked_from goes through causal_attention; its logits match the SDPA path's."""
+    from gpt2serve.model.gpt2 import CausalSelfAttention
+
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=320)
+    m = GPT2LMHeadModel(cfg).init_random(seed=2).to(torch.bfloat16).prepare_for_serving()
+    ids = torch.randint(0, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
+    blocked = forward_logits(m, ids)
+    monkeypatch.setattr(CausalSelfAttention, "blocked_from", 10**9)
+    sdpa = forward_logits(m, ids)
+    assert _rel(blocked, sdpa) < 0.02
+    assert not torch.equal(blocked, sdpa)  # the two paths did run: different roundings
