@@ -35,15 +35,6 @@ constexpr int64_t kMaxRows = 8;
 // 4096 bytes into L1 (T0), whose few fill buffers these many streams' prefetches overrun
 constexpr int kPrefetch = 2048;
 
-inline float act_fn(float v, int64_t act) {
-  if (act == 1) {  // GELU, tanh approximation (GPT-2's gelu_new)
-    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-    return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
-  }
-  if (act == 2) return 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));  // exact GELU
-  return v;
-}
-
 void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t act, int64_t align) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x (M, K) and w (N, K) expected");
@@ -55,13 +46,69 @@ void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   if (residual) TORCH_CHECK(residual->is_contiguous() && residual->size(0) == x.size(0) && residual->size(1) == w.size(0), "gemv: residual (M, N)");
 }
 
-// y[m, n] = act(v + bias) + residual, written in the output's dtype
+// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within
+// ~2 ulp of expf), times 2^n by vscalefps. Inputs are clamped to +-80 so that neither the result
+// nor its reciprocal is ever subnormal: a subnormal costs a microcode assist per lane (10x slower
+// here with GPT-2's large negative pre-activations), and the one use below needs 1 + exp(x) only.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(80.f)), _mm512_set1_ps(-80.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact first product
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GPT-2's GELU for 16 floats: 0.5 v (1 + tanh(z)) = v / (1 + exp(-2z)), z = sqrt(2/pi) (v + 0.044715 v^3)
+inline __m512 gelu_tanh16(__m512 v) {
+  const __m512 z = _mm512_mul_ps(_mm512_set1_ps(-2.f * 0.7978845608028654f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));  // -2z
+  // v / d with d = 1 + exp(-2z) >= 1: rcp14 and one Newton step (~1 ulp; vdivps is 4x slower)
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(z));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(v, r);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits go to the top of each lane
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 k) {  // bf16 -> fp32: the 16 bits go to the top of each lane
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline void store16(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+inline void store16(at::BFloat16* p, __mmask16 k, __m512 v) {  // round to nearest even, as c10's float -> bf16
+  _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// y[m, n + j] = act(v[j] + bias[n + j]) + residual[m, n + j] for j < nb <= 16, written in the
+// output's dtype: a kernel finishes its output rows 16 at a time. One at a time, with the scalar
+// std::tanh, the finish of c_fc's 3072 rows cost about as long as streaming their int8 weights.
 template <typename Out>
-inline void finish(Out* y, int64_t N, int64_t m, int64_t n, float v, const float* bias, const Out* res, int64_t act) {
-  if (bias) v += bias[n];
-  v = act_fn(v, act);
-  if (res) v += static_cast<float>(res[m * N + n]);
-  y[m * N + n] = static_cast<Out>(v);
+inline void finish16(Out* y, int64_t N, int64_t m, int64_t n, int64_t nb, const float* v_in, const float* bias,
+                     const Out* res, int64_t act) {
+  const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
+  __m512 v = _mm512_maskz_loadu_ps(k, v_in);
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n));
+  if (act == 1) {
+    v = gelu_tanh16(v);
+  } else if (act == 2) {  // exact GELU ("gelu" checkpoints): no vector erf here
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    for (int64_t j = 0; j < nb; ++j) t[j] = 0.5f * t[j] * (1.0f + std::erf(t[j] * 0.7071067811865476f));
+    v = _mm512_load_ps(t);
+  }
+  if (res) v = _mm512_add_ps(v, load16(res + m * N + n, k));
+  store16(y + m * N + n, k, v);
 }
 
 inline void prefetch2(const void* p) {
@@ -90,6 +137,7 @@ void with_rows(int64_t M, F&& f) {
 template <int M>
 void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_t* wsum, const float* wscale,
                const float* bias, const float* res, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  alignas(64) float v[M][16];
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = w + n * K;
     __m512i acc[M][2];
@@ -104,7 +152,11 @@ void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_
     }
     for (int m = 0; m < M; ++m) {
       const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])) - 128 * wsum[n];
-      finish<float>(y, N, m, n, static_cast<float>(dot) * xs[m] * wscale[n], bias, res, act);
+      v[m][(n - n0) % 16] = static_cast<float>(dot) * xs[m] * wscale[n];
+    }
+    if ((n - n0) % 16 == 15 || n + 1 == n1) {
+      const int64_t nb = (n - n0) % 16 + 1;
+      for (int m = 0; m < M; ++m) finish16<float>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
     }
   }
 }
@@ -151,6 +203,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 template <int M>
 void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at::BFloat16* res, at::BFloat16* y,
                int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  alignas(64) float v[M][16];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
     __m512 acc[M][2];
@@ -163,8 +216,11 @@ void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at
         acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
       }
     }
-    for (int m = 0; m < M; ++m)
-      finish<at::BFloat16>(y, N, m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])), bias, res, act);
+    for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    if ((n - n0) % 16 == 15 || n + 1 == n1) {
+      const int64_t nb = (n - n0) % 16 + 1;
+      for (int m = 0; m < M; ++m) finish16<at::BFloat16>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
+    }
   }
 }
 
@@ -194,6 +250,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::option
 template <int M>
 void f32_rows(const float* x, const float* w, const float* bias, const float* res, float* y,
               int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  alignas(64) float v[M][16];
   for (int64_t n = n0; n < n1; ++n) {
     const float* wr = w + n * K;
     __m512 acc[M][2];
@@ -206,8 +263,11 @@ void f32_rows(const float* x, const float* w, const float* bias, const float* re
         acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      finish<float>(y, N, m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])), bias, res, act);
+    for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    if ((n - n0) % 16 == 15 || n + 1 == n1) {
+      const int64_t nb = (n - n0) % 16 + 1;
+      for (int m = 0; m < M; ++m) finish16<float>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
+    }
   }
 }
 
@@ -231,45 +291,17 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 
 // ---------------------------------------------------------------------------------------- GELU
 
-// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within
-// ~2 ulp of expf), times 2^n by vscalefps. Inputs are clamped to +-80 so that neither the result
-// nor its reciprocal is ever subnormal: a subnormal costs a microcode assist per lane (10x slower
-// here with GPT-2's large negative pre-activations), and the one use below needs 1 + exp(x) only.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(80.f)), _mm512_set1_ps(-80.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact first product
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// GPT-2's GELU (tanh approximation), in place: 0.5 v (1 + tanh(z)) = v / (1 + exp(-2z)) with
-// z = sqrt(2/pi) (v + 0.044715 v^3). torch's vectorised tanh made this 123 us for a (32, 3072)
-// batch-32 activation here, ~12% of an int8 batch-32 step; this is a few us.
+// GPT-2's GELU (tanh approximation, gelu_tanh16), in place. torch's vectorised tanh made this 123 us
+// for a (32, 3072) batch-32 activation here, ~12% of an int8 batch-32 step; this is a few us.
 void gelu_tanh_(at::Tensor x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "gelu_tanh_: contiguous fp32 expected");
   float* p = x.data_ptr<float>();
   const int64_t n = x.numel();
   at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t b0, int64_t b1) {
-    const __m512 c = _mm512_set1_ps(-2.f * 0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.f);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b * 16;
       const __mmask16 mask = i + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mask, p + i);
-      const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(c3, v), _mm512_mul_ps(v, v), v));  // -2z
-      // v / d with d = 1 + exp(-2z) >= 1: rcp14 and one Newton step (~1 ulp; vdivps is 4x slower)
-      const __m512 d = _mm512_add_ps(one, exp16(z));
-      __m512 r = _mm512_rcp14_ps(d);
-      r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-      _mm512_mask_storeu_ps(p + i, mask, _mm512_mul_ps(v, r));
+      _mm512_mask_storeu_ps(p + i, mask, gelu_tanh16(_mm512_maskz_loadu_ps(mask, p + i)));
     }
   });
 }
@@ -281,10 +313,6 @@ void gelu_tanh_(at::Tensor x) {
 // the context crosses the memory bus three times; here once. kv: (S, 2, H, D) of one layer (K then
 // V of each slot), slots: (B, L) int64 cache slots of each context (padded), lens: (B,) int64.
 // Two passes per (sequence, head): scores and their softmax, then the weighted sum of V, in fp32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits go to the top of each lane
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 
 template <typename T>
 inline void prefetch_head(const T* p, int64_t D) {  // one head's D values of one slot
