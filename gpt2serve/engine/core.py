@@ -140,6 +140,7 @@ class Engine:
             )
         self.kv_cache_bytes = num_blocks * bs * per_token
         self.cache = KVCache(cfg, num_blocks, bs, kv_dtype, device)
+        model.refresh_gemv_weights()  # see there: the kernels stream copies made now faster
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,

@@ -255,3 +255,34 @@ def test_long_bf16_prompt_blocked_attention_agrees_with_sdpa(monkeypatch):
     sdpa = forward_logits(m, ids)
     assert _rel(blocked, sdpa) < 0.02
     assert not torch.equal(blocked, sdpa)  # the two paths did run: different roundings
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_refresh_gemv_weights_moves_the_copies_and_changes_nothing(dtype):
+    """refresh_gemv_weights gives every kernel-read tensor new storage with the same values (fp32's
+    head keeps reading wte itself), and the model computes the same logits after it."""
+    if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=320)
+    m = GPT2LMHeadModel(cfg).init_random(seed=4).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    m.prepare_for_serving(int8=dtype == "int8")
+    ids = torch.randint(0, 320, (9,), generator=torch.Generator().manual_seed(0))
+    before = forward_logits(m, ids)
+    mods = [mod for mod in m.modules() if getattr(mod, "gemv", None) is not None]
+    assert mods and all(mod.gemv_tensors for mod in mods)
+    old = {(id(mod), n): (getattr(mod, n).data_ptr(), getattr(mod, n).clone()) for mod in mods for n in mod.gemv_tensors
+           if getattr(mod, n) is not None}
+    m.refresh_gemv_weights()
+    for mod in mods:
+        for n in mod.gemv_tensors:
+            if getattr(mod, n) is None:
+                continue
+            ptr, val = old[(id(mod), n)]
+            assert getattr(mod, n).data_ptr() != ptr and torch.equal(getattr(mod, n), val)
+    if dtype == "float32":
+        assert m._lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    c_attn = m.transformer.h[0].attn.c_attn
+    assert m._decode_layers is not None  # rebuilt on the new copies
+    assert m._decode_layers.params[4].data_ptr() == getattr(c_attn, c_attn.gemv_tensors[0]).data_ptr()
+    assert torch.equal(forward_logits(m, ids), before)
