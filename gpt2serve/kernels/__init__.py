@@ -1,6 +1,6 @@
 """Hand-written CPU kernels (gemv.cpp), compiled on this machine the first time they are needed.
 
-`gemv()` returns the torch ops namespace holding `gemv_int8`, `gemv_bf16` (projections of <= 8
+`gemv()` returns the torch ops namespace holding `gemv_int8`, `gemv_bf16`, `gemv_f32` (projections of <= 8
 rows) and `decode_attention` (one query per sequence over the paged KV cache, read in place), or
 None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed
 build); callers then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
@@ -46,7 +46,7 @@ def supported() -> bool:
 
 
 def gemv():
-    """The `torch.ops.gpt2serve` namespace with gemv_int8 / gemv_bf16 / decode_attention, or None
+    """The `torch.ops.gpt2serve` namespace with gemv_int8 / gemv_bf16 / gemv_f32 / decode_attention, or None
     (see the module doc)."""
     with _lock:
         if "ops" in _state:

@@ -1,20 +1,21 @@
-// Decode kernels for x86 CPUs with AVX-512 (VNNI, BF16): small-batch matrix-vector products (int8
-// and bf16 weights), GPT-2's GELU, and attention over the paged KV cache (at the end of this file).
+// Decode kernels for x86 CPUs with AVX-512 (VNNI, BF16): small-batch matrix-vector products (int8,
+// bf16 and fp32 weights), GPT-2's GELU, and attention over the paged KV cache (at the end of this file).
 //
 // Why by hand: batch-1 decode reads every weight once per token, so it runs at the speed the
 // weights stream from memory. torch's kernels for one row do not stream bf16 or int8 weights well
 // on our machines: measured over the 49 weight matmuls of a GPT-2 124M step, oneDNN's packed bf16
 // linear reads 10-11 GB/s and fbgemm's int8 dynamic linear ~15, where a plain fp32 `x @ W` reads
-// 24-25. These kernels do one thing: y[m, n] = act(sum_k x[m, k] * W[n, k] + bias[n]) (+ residual)
-// for 1 to 8 rows, W in (out, in) row-major order. Each output row's weights are read once, front
-// to back, with software prefetch a few KiB ahead (the hardware prefetcher alone leaves the memory
-// system idle between rows; +20-30% measured), and applied to every row of x while in registers.
-// Work is split over output rows with at::parallel_for, i.e. torch's own OpenMP threads.
+// 24-25 on the Intel machines (and ~16 on the AMD one, where MKL takes no AVX-512 path). These
+// kernels do one thing: y[m, n] = act(sum_k x[m, k] * W[n, k] + bias[n]) (+ residual) for 1 to 8
+// rows, W in (out, in) row-major order. Each output row's weights are read once, front to back,
+// with software prefetch 2 KiB ahead (the hardware prefetcher alone leaves the memory system idle
+// between rows; +20-30% measured), and applied to every row of x while in registers. Work is split
+// over output rows with at::parallel_for, i.e. torch's own OpenMP threads.
 //
 // int8: W is symmetric int8 with one scale per output row; x is quantised per row to u8 with a
 // zero point of 128 (VNNI's vpdpbusd multiplies u8 by s8), and the zero point comes back out
 // through the precomputed row sums of W: sum((q + 128) * w) - 128 * sum(w) = sum(q * w).
-// bf16: x is in bf16 and vdpbf16ps accumulates pairs of products in fp32.
+// bf16: x is in bf16 and vdpbf16ps accumulates pairs of products in fp32. fp32: plain FMAs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -111,6 +112,15 @@ inline void finish16(Out* y, int64_t N, int64_t m, int64_t n, int64_t nb, const 
   store16(y + m * N + n, k, v);
 }
 
+// Called after output row n of [n0, n1): finishes the block of 16 it completes (or the last, shorter one).
+template <int M, typename Out>
+inline void flush16(const float (&v)[M][16], Out* y, int64_t N, int64_t n, int64_t n0, int64_t n1, const float* bias,
+                    const Out* res, int64_t act) {
+  if ((n - n0) % 16 != 15 && n + 1 != n1) return;
+  const int64_t nb = (n - n0) % 16 + 1;
+  for (int m = 0; m < M; ++m) finish16<Out>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
+}
+
 inline void prefetch2(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T1);
   _mm_prefetch(static_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T1);
@@ -154,10 +164,7 @@ void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_
       const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])) - 128 * wsum[n];
       v[m][(n - n0) % 16] = static_cast<float>(dot) * xs[m] * wscale[n];
     }
-    if ((n - n0) % 16 == 15 || n + 1 == n1) {
-      const int64_t nb = (n - n0) % 16 + 1;
-      for (int m = 0; m < M; ++m) finish16<float>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
-    }
+    flush16<M>(v, y, N, n, n0, n1, bias, res, act);
   }
 }
 
@@ -217,10 +224,7 @@ void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at
       }
     }
     for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-    if ((n - n0) % 16 == 15 || n + 1 == n1) {
-      const int64_t nb = (n - n0) % 16 + 1;
-      for (int m = 0; m < M; ++m) finish16<at::BFloat16>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
-    }
+    flush16<M>(v, y, N, n, n0, n1, bias, res, act);
   }
 }
 
@@ -264,10 +268,7 @@ void f32_rows(const float* x, const float* w, const float* bias, const float* re
       }
     }
     for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-    if ((n - n0) % 16 == 15 || n + 1 == n1) {
-      const int64_t nb = (n - n0) % 16 + 1;
-      for (int m = 0; m < M; ++m) finish16<float>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
-    }
+    flush16<M>(v, y, N, n, n0, n1, bias, res, act);
   }
 }
 
