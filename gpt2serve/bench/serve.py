@@ -310,7 +310,7 @@ def format_markdown(report: dict) -> str:
         lines += ["", "Load generator's own CPU (cores, same machine as the server): " + ", ".join(
             f"{lv['concurrency']} streams {c:.2f}" for lv, c in zip(report["levels"], cpu) if c is not None)]
     if report.get("server_peak_rss_bytes"):
-        lines += ["", f"Server peak resident memory (VmHWM, pid {report['server_pid']}): "
+        lines += ["", f"Server peak resident memory (VmHWM of pid {report['server_pid']} and its children): "
                       f"{report['server_peak_rss_bytes'] / 2**20:.0f} MiB"]
     errs = sorted({e for lv in report["levels"] for e in lv["error_samples"]} | set(report.get("idle_errors", [])))
     if errs:

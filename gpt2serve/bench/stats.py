@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
@@ -24,25 +26,44 @@ def summarize(values, percentiles=PERCENTILES) -> dict[str, float | int | None]:
     return out
 
 
-def peak_rss_bytes(pid: int | str = "self") -> int | None:
-    """Peak resident memory (VmHWM) of a process from /proc, or None where /proc is unavailable."""
+def _tree(pid: int | str) -> list[str]:
+    """pid and its descendants (/proc/<pid>/task/<tid>/children): `--server-pid` may name a wrapper,
+    e.g. a pyenv shim, which forks the Python server instead of becoming it."""
+    out, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += f.read().split()
+        except OSError:
+            continue
+    return out
+
+
+def _status_kb(pid: str, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+                if line.startswith(field):
+                    return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def _tree_bytes(pid: int | str, field: str) -> int | None:
+    vals = [v for v in (_status_kb(p, field) for p in _tree(pid)) if v is not None]
+    return sum(vals) * 1024 if vals else None
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int | None:
+    """Peak resident memory (VmHWM) of a process and its descendants (summed), from /proc; None
+    where /proc is unavailable or there is no such process."""
+    return _tree_bytes(pid, "VmHWM:")
 
 
 def rss_bytes(pid: int | str = "self") -> int | None:
-    """Current resident memory (VmRSS) of a process, or None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Current resident memory (VmRSS) of a process and its descendants (summed), or None."""
+    return _tree_bytes(pid, "VmRSS:")

@@ -126,3 +126,21 @@ def test_peers_summary_ratios():
     assert (hf32["agree_with_hf_fp32"], hf16["agree_with_hf_fp32"], ours["agree_with_hf_fp32"]) == (3, 2, 3)
     md = peers.format_markdown(report)
     assert "**2.00x**" in md and "**62%**" in md and "25 (0.50x)" in md and "ours int8: ValueError: no" in md
+
+
+def test_rss_of_a_wrapper_counts_the_process_it_forked():
+    """`bench serve --server-pid` may be given a wrapper's pid (a pyenv shim forks the server): the
+    memory of its descendants counts, not the wrapper's own 2 MiB."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys, time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print(1, flush=True); time.sleep(30)"
+    p = subprocess.Popen(["bash", "-c", f'"{sys.executable}" -c "{code}"; true'], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "1"  # the child has touched its 200 MiB
+        time.sleep(0.1)
+        assert peak_rss_bytes(p.pid) > 200 * 2**20 and rss_bytes(p.pid) > 200 * 2**20
+    finally:
+        subprocess.run(["pkill", "-P", str(p.pid)])
+        p.wait(timeout=10)
