@@ -15,7 +15,7 @@
 // int8: W is symmetric int8 with one scale per output row; x is quantised per row to u8 with a
 // zero point of 128 (VNNI's vpdpbusd multiplies u8 by s8), and the zero point comes back out
 // through the precomputed row sums of W: sum((q + 128) * w) - 128 * sum(w) = sum(q * w).
-// bf16: x is in bf16 and vdpbf16ps accumulates pairs of products in fp32. fp32: plain FMAs.
+// bf16: x is in bf16 and vdpbf16ps accumulates pairs of products in fp32. fp32: plain FMAs (dot64).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -205,22 +205,32 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-// ---------------------------------------------------------------------------------------- bf16
+// ------------------------------------------------------------------------------ bf16 and fp32
 
-template <int M>
-void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at::BFloat16* res, at::BFloat16* y,
-               int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+// One step of a row's dot product: 64 bytes of x against 64 bytes of W. bf16: vdpbf16ps adds pairs
+// of products into 16 fp32 lanes; fp32: plain FMAs. fp32 because MKL's `x @ W` streams fp32 weights
+// at ~26 GB/s on the Intel machines but ~17 on the AMD Zen 4 one (no AVX-512 path on AMD CPUs),
+// where this loop reads ~30.
+inline __m512 dot64(__m512 acc, const float* x, __m512i w) { return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_castsi512_ps(w), acc); }
+inline __m512 dot64(__m512 acc, const at::BFloat16* x, __m512i w) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x), (__m512bh)w);
+}
+
+template <int M, typename T>
+void float_rows(const T* x, const T* w, const float* bias, const T* res, T* y,
+                int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
+  constexpr int64_t kVec = 64 / sizeof(T);  // elements per 64-byte vector; a step reads two
   alignas(64) float v[M][16];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * K;
+    const T* wr = w + n * K;
     __m512 acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
+    for (int64_t k = 0; k < K; k += 2 * kVec) {
       prefetch2(wr + k);
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      const __m512i w0 = _mm512_loadu_si512(wr + k), w1 = _mm512_loadu_si512(wr + k + kVec);
       for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+        acc[m][0] = dot64(acc[m][0], x + m * K + k, w0);
+        acc[m][1] = dot64(acc[m][1], x + m * K + k + kVec, w1);
       }
     }
     for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
@@ -228,64 +238,25 @@ void bf16_rows(const uint16_t* x, const uint16_t* w, const float* bias, const at
   }
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                     const c10::optional<at::Tensor>& residual, int64_t act) {
-  check_common(x, w, bias, residual, act, 64);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 x and w");
-  if (residual) TORCH_CHECK(residual->scalar_type() == at::kBFloat16, "gemv_bf16: bf16 residual");
+// gemv_bf16 (T = at::BFloat16) and gemv_f32 (T = float): x, W, residual and y all of type T
+template <typename T>
+at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& residual, int64_t act) {
+  constexpr bool bf16 = std::is_same<T, at::BFloat16>::value;
+  const char* name = bf16 ? "gemv_bf16" : "gemv_f32";
+  const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
+  check_common(x, w, bias, residual, act, 128 / sizeof(T));
+  TORCH_CHECK(x.scalar_type() == dt && w.scalar_type() == dt, name, ": ", bf16 ? "bf16" : "fp32", " x and w");
+  if (residual) TORCH_CHECK(residual->scalar_type() == dt, name, ": ", bf16 ? "bf16" : "fp32", " residual");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const at::BFloat16* rp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const T* rp = residual ? residual->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto rows) { bf16_rows<decltype(rows)::value>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
-  });
-  return y;
-}
-
-
-// ---------------------------------------------------------------------------------------- fp32
-
-// fp32 x and W: MKL's `x @ W` streams fp32 weights at ~26 GB/s on the Intel machines but ~17 on the
-// AMD Zen 4 one (MKL does not use AVX-512 on AMD CPUs), where this loop reads ~30.
-template <int M>
-void f32_rows(const float* x, const float* w, const float* bias, const float* res, float* y,
-              int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
-  alignas(64) float v[M][16];
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
-    __m512 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      prefetch2(wr + k);
-      const __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr + k + 16);
-      for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, acc[m][0]);
-        acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
-      }
-    }
-    for (int m = 0; m < M; ++m) v[m][(n - n0) % 16] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-    flush16<M>(v, y, N, n, n0, n1, bias, res, act);
-  }
-}
-
-at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                    const c10::optional<at::Tensor>& residual, int64_t act) {
-  check_common(x, w, bias, residual, act, 32);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gemv_f32: fp32 x and w");
-  if (residual) TORCH_CHECK(residual->scalar_type() == at::kFloat, "gemv_f32: fp32 residual");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto rows) { f32_rows<decltype(rows)::value>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
+    with_rows(M, [&](auto rows) { float_rows<decltype(rows)::value, T>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
   });
   return y;
 }
@@ -497,8 +468,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
   auto proj = [&](const at::Tensor* p, const at::Tensor& x, int64_t a, const at::Tensor* residual) -> at::Tensor {
     const c10::optional<at::Tensor> res = residual ? c10::optional<at::Tensor>(residual->contiguous()) : c10::nullopt;
     if (mode == 0) return gemv_int8(x.to(at::kFloat).contiguous(), p[0], p[1], p[2], opt(p[3]), res, a);
-    if (mode == 1) return gemv_bf16(x.contiguous(), p[0], opt(p[1]), res, a);
-    return gemv_f32(x.contiguous(), p[0], opt(p[1]), res, a);
+    if (mode == 1) return gemv_float<at::BFloat16>(x.contiguous(), p[0], opt(p[1]), res, a);
+    return gemv_float<float>(x.contiguous(), p[0], opt(p[1]), res, a);
   };
   // the step's slots and lengths are the same for every layer: checked once
   check_paged(B, H, D, kv.select(0, 0), slots, lens);
@@ -532,8 +503,8 @@ TORCH_LIBRARY(gpt2serve, m) {
 
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
-  m.impl("gemv_bf16", gemv_bf16);
-  m.impl("gemv_f32", gemv_f32);
+  m.impl("gemv_bf16", gemv_float<at::BFloat16>);
+  m.impl("gemv_f32", gemv_float<float>);
   m.impl("gelu_tanh_", gelu_tanh_);
   m.impl("decode_attention", decode_attention);
   m.impl("decode_layers", decode_layers);
