@@ -95,10 +95,9 @@ inline void store16(at::BFloat16* p, __mmask16 k, __m512 v) {  // round to neare
 // output's dtype: a kernel finishes its output rows 16 at a time. One at a time, with the scalar
 // std::tanh, the finish of c_fc's 3072 rows cost about as long as streaming their int8 weights.
 template <typename Out>
-inline void finish16(Out* y, int64_t N, int64_t m, int64_t n, int64_t nb, const float* v_in, const float* bias,
+inline void finish16(Out* y, int64_t N, int64_t m, int64_t n, int64_t nb, __m512 v, const float* bias,
                      const Out* res, int64_t act) {
   const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
-  __m512 v = _mm512_maskz_loadu_ps(k, v_in);
   if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n));
   if (act == 1) {
     v = gelu_tanh16(v);
@@ -118,7 +117,8 @@ inline void flush16(const float (&v)[M][16], Out* y, int64_t N, int64_t n, int64
                     const Out* res, int64_t act) {
   if ((n - n0) % 16 != 15 && n + 1 != n1) return;
   const int64_t nb = (n - n0) % 16 + 1;
-  for (int m = 0; m < M; ++m) finish16<Out>(y, N, m, n + 1 - nb, nb, v[m], bias, res, act);
+  const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
+  for (int m = 0; m < M; ++m) finish16<Out>(y, N, m, n + 1 - nb, nb, _mm512_maskz_loadu_ps(k, v[m]), bias, res, act);
 }
 
 inline void prefetch2(const void* p) {
@@ -143,6 +143,27 @@ void with_rows(int64_t M, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------------- int8
+
+// One row of activations to symmetric int8: s = max|x| / 127, q = round(x / s) in [-127, 127] (to
+// nearest even, as std::nearbyint). Returns s. Offset: store q + 128 as u8 (the GEMV's VNNI operand)
+// instead of q. K is a multiple of 16. The GEMV and matmul_int8 quantise with this one function, so
+// a row's int8 result does not depend on which of them ran it, nor on the other rows of the batch.
+template <bool Offset>
+inline float quantize_row(const float* x, int64_t K, int8_t* q) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float mx = _mm512_reduce_max_ps(amax);
+  const float s = mx > 0.f ? mx / 127.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(1.f / s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));  // MXCSR: nearest even
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    if (Offset) v = _mm512_add_epi32(v, _mm512_set1_epi32(128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+  }
+  return s;
+}
 
 template <int M>
 void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_t* wsum, const float* wscale,
@@ -176,21 +197,11 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   if (residual) TORCH_CHECK(residual->scalar_type() == at::kFloat, "gemv_int8: fp32 residual");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
 
-  // quantise x per row: q = round(x / s) in [-127, 127], stored as u8 = q + 128
+  // x per row as u8 = q + 128 (VNNI's u8 operand)
   std::vector<uint8_t> xq(M * K);
   float xs[kMaxRows];
   const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
-    const float s = amax > 0.f ? amax / 127.f : 1.f;
-    const float inv = 1.f / s;
-    xs[m] = s;
-    for (int64_t k = 0; k < K; ++k) {
-      const int q = static_cast<int>(std::nearbyint(xp[m * K + k] * inv));
-      xq[m * K + k] = static_cast<uint8_t>(std::min(127, std::max(-127, q)) + 128);
-    }
-  }
+  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row<true>(xp + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K));
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const int32_t* sp = wsum.data_ptr<int32_t>();
@@ -201,6 +212,54 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* qp = xq.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     with_rows(M, [&](auto rows) { int8_rows<decltype(rows)::value>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); });
+  });
+  return y;
+}
+
+// Many rows (prompts, large decode batches): the GEMV's int8 arithmetic, with the product on torch's
+// int8 GEMM (at::_int_mm: oneDNN's VNNI kernels) instead of fbgemm's dynamic linear. Activations are
+// quantised per row (quantize_row, as in the GEMV), products are exact in int32, and the epilogue
+// is the GEMV's: y = act(dot * xs[m] * wscale[n] + bias[n]) + residual, in the same order. So a
+// row's result is the same to the bit whether it ran here or in gemv_int8, and whatever else is in
+// the batch (fbgemm quantises the whole batch with one scale, to 7 bits). w: (N, K) int8 as the
+// GEMV's.
+at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wscale,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(0) >= 1, "matmul_int8: x (M, K) and w (N, K) expected");
+  TORCH_CHECK(x.size(1) % 16 == 0, "matmul_int8: K must be a multiple of 16");
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous(), "matmul_int8: contiguous x and w expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "matmul_int8: fp32 x, int8 w");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.numel() == w.size(0), "matmul_int8: fp32 wscale (N,)");
+  TORCH_CHECK(act >= 0 && act <= 2, "matmul_int8: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == at::kFloat, "matmul_int8: fp32 bias (N,)");
+  if (residual)
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == at::kFloat && residual->size(0) == x.size(0) &&
+                residual->size(1) == w.size(0), "matmul_int8: fp32 residual (M, N)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  std::vector<float> xs(M);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) xs[m] = quantize_row<false>(xp + m * K, K, qp + m * K);
+  });
+  const at::Tensor acc = at::_int_mm(xq, w.t());  // (M, N) int32
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sc = wscale.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m512 s = _mm512_set1_ps(xs[m]);
+      for (int64_t n = 0; n < N; n += 16) {
+        const int64_t nb = std::min<int64_t>(16, N - n);
+        const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ap + m * N + n));
+        finish16<float>(yp, N, m, n, nb, _mm512_mul_ps(_mm512_mul_ps(d, s), _mm512_maskz_loadu_ps(k, sc + n)), bp, rp, act);
+      }
+    }
   });
   return y;
 }
@@ -493,6 +552,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
 
 TORCH_LIBRARY(gpt2serve, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
+  m.def("matmul_int8(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gelu_tanh_(Tensor(a!) x) -> ()");
@@ -503,6 +563,7 @@ TORCH_LIBRARY(gpt2serve, m) {
 
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
+  m.impl("matmul_int8", matmul_int8);
   m.impl("gemv_bf16", gemv_float<at::BFloat16>);
   m.impl("gemv_f32", gemv_float<float>);
   m.impl("gelu_tanh_", gelu_tanh_);

@@ -4,7 +4,7 @@ gpt2serve/kernels under both) against plain Conv1D.
 Each projection module offers forward, forward_gelu (c_fc + GELU) and forward_add (c_proj + the
 residual); every kernel must compute what Conv1D computes, at every row count the engine sends
 (1-4 = decode on the GEMV, up to 8 for int8, 9 = fbgemm, 16 = where int8 switches to oneDNN,
-37 = an odd prefill chunk).
+37 = an odd prefill chunk, 64 and 70 = int8's matmul_int8).
 Tolerances: relative to the output's scale; bf16 keeps ~3 significant digits (measured max rel err
 ~0.006), int8 with per-channel weight scales and per-tensor activation scales ~0.01-0.02.
 """
@@ -24,7 +24,7 @@ from gpt2serve.model.gpt2 import (AttentionMetadata, Bf16Conv1D, Conv1D, F32Conv
                                   Int8Conv1D, KVCache)
 from .helpers import forward_logits
 
-ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37)
+ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37, 64, 70)
 
 
 def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
@@ -97,6 +97,28 @@ def test_int8_matches_conv1d(amx, gemv):
     assert (kernel._packed_amx is not None) == amx
     assert (kernel.gemv is not None) == gemv
     _check(kernel, ref, torch.float32, 0.03)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+def test_int8_prompt_rows_equal_each_row_alone():
+    """matmul_int8 (prompts, from Int8Conv1D.matmul_rows) quantises each row on its own and finishes
+    it as the GEMV does: every row of a 70-row call equals, to the bit, that row run alone on the
+    GEMV, whatever the other rows hold (fbgemm, one scale for the whole batch, would not)."""
+    ref = _conv(128, 384)
+    kernel = Int8Conv1D(ref.weight, ref.bias, gemv=kernels.gemv())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 128, generator=g)
+    x[5] *= 50  # an outlier row: with a shared scale it would coarsen every other row
+    res = torch.randn(70, 384, generator=g)
+    with torch.inference_mode():
+        for call in (lambda a, r: kernel(a), lambda a, r: kernel.forward_gelu(a, "tanh"),
+                     lambda a, r: kernel.forward_gelu(a, "none"), lambda a, r: kernel.forward_add(a, r)):
+            whole = call(x, res)
+            for i in (0, 5, 69):
+                assert torch.equal(whole[i:i + 1], call(x[i:i + 1], res[i:i + 1])), i
+    ops = kernels.gemv()
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.matmul_int8(torch.zeros(2, 40), torch.zeros(8, 40, dtype=torch.int8), torch.ones(8), None, None, 0)
 
 
 @pytest.mark.skipif(not F32Conv1D.supported(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
