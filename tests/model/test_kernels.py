@@ -264,13 +264,62 @@ def test_causal_attention_matches_sdpa(T):
         assert torch.equal(moved[:, :-1], out[:, :-1]) and not torch.equal(moved[:, -1], out[:, -1])
 
 
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("qd,kd", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "fp32-q-bf16-kv", "bf16"])
+@pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77)],
+                         ids=["one", "uneven", "long", "continuation", "one-after-context"])
+def test_prefill_attention_matches_sdpa(qd, kd, T, L):
+    """The kernels' prompt attention: T queries at positions L-T..L-1 (L > T: a continuation chunk
+    over its gathered context) equal masked fp32 SDPA, from strided rows as the model passes them
+    (q and K/V views of the fused qkv projection), and a key is seen by exactly the queries at or
+    after its position: changing the last key moves no earlier query's output by a bit."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(T * 1000 + L)
+    H, D = 3, 64
+    qkv = torch.randn(L, 3, H, D, generator=g)
+    q, kv = qkv[L - T:, 0].to(qd), qkv[:, 1:].to(kd)  # strided rows, as in the model
+    mask = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]  # (T, L)
+    ref = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], kv[:, 0].float().transpose(0, 1)[None],
+                                         kv[:, 1].float().transpose(0, 1)[None], attn_mask=mask)[0].transpose(0, 1)
+    out = ops.prefill_attention(q, kv)
+    assert out.dtype == qd and out.shape == (T, H, D)
+    assert (out.float() - ref).abs().max().item() < (1e-5 if qd == torch.float32 else 2e-2)
+    kv2 = kv.clone()
+    kv2[-1] += 1
+    moved = ops.prefill_attention(q, kv2)
+    assert torch.equal(moved[:-1], out[:-1]) and not torch.equal(moved[-1], out[-1])
+    with pytest.raises(RuntimeError, match="T <= L"):
+        ops.prefill_attention(torch.zeros(L + 1, H, D), kv)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_prompt_logits_with_the_attention_kernel_match_sdpa(dtype):
+    """A whole model's prompt logits with the kernels' prompt attention against the same model with
+    torch's SDPA (the kernels taken off the attention modules)."""
+    if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no native bf16 here")
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=256, n_positions=200, vocab_size=500)
+    m = GPT2LMHeadModel(cfg).init_random(seed=5).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    m.prepare_for_serving(int8=dtype == "int8")
+    ids = torch.randint(0, 500, (150,), generator=torch.Generator().manual_seed(1))
+    with_kernel = forward_logits(m, ids)
+    for block in m.transformer.h:
+        assert block.attn.paged_ops is not None
+        block.attn.paged_ops = None
+    sdpa = forward_logits(m, ids)
+    assert _rel(with_kernel, sdpa) < (1e-4 if dtype == "float32" else 0.02)
+
+
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")), reason="no native bf16 here")
 def test_long_bf16_prompt_blocked_attention_agrees_with_sdpa(monkeypatch):
-    """A bf16 prompt past blocked_from goes through causal_attention; its logits match the SDPA path's."""
+    """Without the kernels (their prompt attention comes first), a bf16 prompt past blocked_from goes
+    through causal_attention; its logits match the SDPA path's."""
     from gpt2serve.model.gpt2 import CausalSelfAttention
 
     cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=320)
-    m = GPT2LMHeadModel(cfg).init_random(seed=2).to(torch.bfloat16).prepare_for_serving()
+    m = GPT2LMHeadModel(cfg).init_random(seed=2).to(torch.bfloat16).prepare_for_serving(kernels="torch")
     ids = torch.randint(0, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
     blocked = forward_logits(m, ids)
     monkeypatch.setattr(CausalSelfAttention, "blocked_from", 10**9)
