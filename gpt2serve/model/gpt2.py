@@ -16,6 +16,7 @@ multi-token (prefill) chunk in its own SDPA.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,20 +217,28 @@ class Bf16Conv1D(nn.Module):
     gemv_rows = 4  # at 8 rows oneDNN's packed kernel was as fast (17.8 vs 19.1 ms), at 6 slower (19.1 vs 16.1)
     gemv_tensors = ("weight", "bias_f32")  # what the GEMV reads
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None, many: str = "onednn"):
+        """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear) or "w16" (the
+        kernels' matmul_w16, fp32 FMAs on bf16 weights; needs `gemv`); see prefer_w16."""
         super().__init__()
         w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
         self.gemv = gemv if gemv is not None and w.shape[1] % 64 == 0 else None
         self.weight = w if self.gemv is not None else None
-        # the row-count hint 16: no slower at 1 row than the hint 1, faster at 32 (10.9 vs 11.4 ms, 30.0 vs 34.6)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
         self.bias = None if bias is None else bias.detach().clone()
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
+        self.panels = self.packed = None
+        if many == "w16" and self.gemv is not None:
+            self.panels = pack_w16(weight.detach())
+        else:
+            # the row-count hint 16: no slower at 1 row than the hint 1, faster at 32 (10.9 vs 11.4 ms, 30.0 vs 34.6)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
 
     def _run(self, x: torch.Tensor, gelu: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         """gelu: None, or GELU's `approximate` ("tanh" / "none") to apply after the matmul."""
         if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[gelu])
+        if self.panels is not None:
+            return self.gemv.matmul_w16(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         if gelu is not None:
@@ -244,6 +255,28 @@ class Bf16Conv1D(nn.Module):
         return self._run(x, None, residual.contiguous())
 
     @staticmethod
+    def prefer_w16(weight: torch.Tensor, gemv, rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
+        """Whether the kernels' matmul_w16 beats oneDNN's bf16 linear on this CPU, timed on one of
+        the model's weights ((in, out) bf16) at `rows` rows, the two taking turns: (w16 wins, its
+        best ms, oneDNN's best ms). Which wins is a property of the CPU, not of the shape: where
+        vdpbf16ps runs at half the FMA rate (the Intel Xeon without AMX we measured) fp32 FMAs on
+        widened weights are ~1.7x faster at every row count (48 block matmuls, ms: 8 rows 5.6 vs
+        9.8, 32 rows 20.2 vs 34.1, 512 rows 334 vs 521); with AMX, or on AMD Zen 4 (bf16 dot
+        products at twice the fp32 rate), oneDNN's is. The loser's copy of the weights is never made."""
+        import time
+
+        x = torch.randn(rows, weight.shape[0]).to(torch.bfloat16)
+        ours = Bf16Conv1D(weight, None, gemv=gemv, many="w16")
+        theirs = Bf16Conv1D(weight, None, gemv=gemv, many="onednn")
+        best = {id(ours): math.inf, id(theirs): math.inf}
+        for _ in range(repeats + 1):  # the first round warms both up
+            for m in (ours, theirs):
+                t = time.perf_counter()
+                m(x)
+                best[id(m)] = min(best[id(m)], time.perf_counter() - t) if _ else math.inf
+        return best[id(ours)] < best[id(theirs)], best[id(ours)] * 1e3, best[id(theirs)] * 1e3
+
+    @staticmethod
     def supported(dtype: torch.dtype, device: torch.device) -> bool:
         return (
             device.type == "cpu"
@@ -251,6 +284,16 @@ class Bf16Conv1D(nn.Module):
             and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
+
+
+def pack_w16(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out) = (K, N) bf16 -> the panels matmul_w16 reads (gemv.cpp): (ceil(N / 32), K, 32), each
+    panel 32 output columns (the last zero-padded), each of its rows pairing column c with c + 16
+    in 32 bits, so one 64-byte load widens to two fp32 vectors with one instruction each."""
+    K, N = weight.shape
+    P = (N + 31) // 32
+    w = F.pad(weight.to(torch.bfloat16), (0, P * 32 - N))  # (K, 32P)
+    return w.view(K, P, 2, 16).permute(1, 0, 3, 2).contiguous().view(P, K, 32)  # [p, k, 2i + h] = w[k, 32p + 16h + i]
 
 
 class F32Conv1D(nn.Module):
@@ -683,7 +726,15 @@ class GPT2LMHeadModel(nn.Module):
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
-            replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv)  # noqa: E731
+            many = "onednn"
+            if gemv is not None:
+                c_fc = self.transformer.h[0].mlp.c_fc.weight
+                w16, ms_w16, ms_onednn = Bf16Conv1D.prefer_w16(c_fc.detach(), gemv)
+                many = "w16" if w16 else "onednn"
+                log.info("bf16 matmuls of > %d rows: %s (c_fc at 32 rows: matmul_w16 %.2f ms, oneDNN %.2f ms)",
+                         Bf16Conv1D.gemv_rows, many, ms_w16, ms_onednn)
+            self.bf16_many = many
+            replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
             replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv)  # noqa: E731
             fp32 = gemv is None
