@@ -320,28 +320,42 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return y;
 }
 
-// ------------------------------------------------------------------------ bf16 weights, many rows
+// ------------------------------------------------------------------ bf16 and fp32 weights, many rows
 
 // y (M, N) = act(x W + bias) (+ residual) for any M, W in bf16, arithmetic in fp32 FMAs: for CPUs
 // whose bf16 dot product (vdpbf16ps) runs at half the FMA rate, as the Intel Xeon without AMX we
 // measured, where oneDNN's bf16 linear made 166 GFLOP/s against its fp32 one's 327 at 512 rows.
-// W is packed once (pack: torch code in gpt2.py) into panels of 32 output columns, each panel
+// W is packed once (pack_panels in gpt2.py) into panels of 32 output columns, each panel
 // K rows of 64 bytes, a row interleaving columns c and c + 16 in each 32-bit pair: one 64-byte load
 // then widens to two fp32 vectors (columns 0-15: shift left 16; 16-31: the high halves masked),
 // one instruction per 16 weights. An 8 x 32 tile of y lives in 16 registers while the panel and x
 // stream past: per k, one load, two widenings, 8 broadcasts of x and 16 FMAs.
-template <int MR, typename T>
-void w16_tile(const float* x, int64_t K, const uint32_t* panel, int64_t m0, int64_t n0, int64_t N, const float* bias,
+// Also for fp32 weights (W = float: panels of 32 columns in order, two loads per k), where it beat
+// oneDNN's fp32 linear at 8-32 rows (48 block matmuls: 8 rows 8.5 vs 11.0 ms, 32 rows 20.9 vs 23.1).
+
+// the two fp32 vectors of panel row k: bf16 pairs widened (W = uint32_t), or fp32 as stored (W = float)
+inline void panel_row(const uint32_t* panel, int64_t k, __m512& w0, __m512& w1) {
+  const __m512i w = _mm512_loadu_si512(panel + k * 16);
+  w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  w1 = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void panel_row(const float* panel, int64_t k, __m512& w0, __m512& w1) {
+  w0 = _mm512_loadu_ps(panel + k * 32);
+  w1 = _mm512_loadu_ps(panel + k * 32 + 16);
+  _mm_prefetch(reinterpret_cast<const char*>(panel + k * 32) + kPrefetch + 64, _MM_HINT_T1);
+}
+
+template <int MR, typename T, typename W>
+void panel_tile(const float* x, int64_t K, const W* panel, int64_t m0, int64_t n0, int64_t N, const float* bias,
               const T* res, T* y, int64_t act) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const float* xr = x + m0 * K;
+  constexpr int64_t kRow = std::is_same<W, float>::value ? 32 : 16;  // W elements per panel row
   for (int64_t k = 0; k < K; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(panel + k * 16) + kPrefetch, _MM_HINT_T1);
-    const __m512i w = _mm512_loadu_si512(panel + k * 16);
-    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-    const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+    _mm_prefetch(reinterpret_cast<const char*>(panel + k * kRow) + kPrefetch, _MM_HINT_T1);
+    __m512 w0, w1;
+    panel_row(panel, k, w0, w1);
     for (int r = 0; r < MR; ++r) {
       const __m512 xb = _mm512_set1_ps(xr[r * K + k]);
       acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
@@ -358,36 +372,41 @@ void w16_tile(const float* x, int64_t K, const uint32_t* panel, int64_t m0, int6
 // x: (M, K) fp32 or bf16; w: (ceil(N / 32), K, 32) bf16 panels (see above), N columns of which are
 // real (the rest zero); bias fp32 (N,) or none; residual (M, N) in x's dtype or none; returns y
 // (M, N) in x's dtype
-at::Tensor matmul_w16(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& bias,
+at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& residual, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == 32 && x.size(1) == w.size(1) && x.size(0) >= 1,
-              "matmul_w16: x (M, K) and w (ceil(N/32), K, 32) expected");
-  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_w16: N does not match the panels");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "matmul_w16: packed bf16 w");
-  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous(), "matmul_w16: contiguous fp32 or bf16 x");
-  TORCH_CHECK(act >= 0 && act <= 2, "matmul_w16: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
+              "matmul_panels: x (M, K) and w (ceil(N/32), K, 32) expected");
+  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_panels: N does not match the panels");
+  TORCH_CHECK((w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat) && w.is_contiguous(), "matmul_panels: packed bf16 or fp32 w");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous(), "matmul_panels: contiguous fp32 or bf16 x");
+  TORCH_CHECK(act >= 0 && act <= 2, "matmul_panels: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
   const int64_t M = x.size(0), K = x.size(1);
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "matmul_w16: fp32 bias (N,)");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "matmul_panels: fp32 bias (N,)");
   if (residual)
     TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == x.scalar_type() && residual->size(0) == M &&
-                residual->size(1) == N, "matmul_w16: residual (M, N) in x's dtype");
+                residual->size(1) == N, "matmul_panels: residual (M, N) in x's dtype");
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // broadcast from fp32: a bf16 x is widened once
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = xf.data_ptr<float>();
-  const uint32_t* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   auto run = [&](auto* yp, const auto* rp) {
     using T = std::remove_pointer_t<decltype(yp)>;
-    // each thread takes whole panels: a panel (K x 64 bytes) stays in L1/L2 for every tile of rows
-    at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const uint32_t* panel = wp + p * K * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += 8)
-          with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
-            w16_tile<decltype(rows)::value, T>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act);
-          });
-      }
-    });
+    auto panels = [&](const auto* wp, int64_t per_panel) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+      // each thread takes whole panels: a panel (K x 64 or 128 bytes) stays in L1/L2 for every tile of
+      // rows (blocking the rows by 64 as well, so that prompts' x stays in L2, measured slower)
+      at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const W* panel = wp + p * per_panel;
+          for (int64_t m0 = 0; m0 < M; m0 += 8)
+            with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
+              panel_tile<decltype(rows)::value, T, W>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act);
+            });
+        }
+      });
+    };
+    if (w.scalar_type() == at::kBFloat16) panels(reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), K * 16);
+    else panels(w.data_ptr<float>(), K * 32);
   };
   if (x.scalar_type() == at::kFloat)
     run(y.data_ptr<float>(), residual ? residual->data_ptr<float>() : static_cast<const float*>(nullptr));
@@ -807,7 +826,7 @@ TORCH_LIBRARY(gpt2serve, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_int8(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
-  m.def("matmul_w16(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
+  m.def("matmul_panels(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gelu_tanh_(Tensor(a!) x) -> ()");
   m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens) -> Tensor");
@@ -820,7 +839,7 @@ TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
   m.impl("matmul_int8", matmul_int8);
   m.impl("gemv_bf16", gemv_float<at::BFloat16>);
-  m.impl("matmul_w16", matmul_w16);
+  m.impl("matmul_panels", matmul_panels);
   m.impl("gemv_f32", gemv_float<float>);
   m.impl("gelu_tanh_", gelu_tanh_);
   m.impl("decode_attention", decode_attention);

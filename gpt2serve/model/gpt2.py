@@ -218,8 +218,8 @@ class Bf16Conv1D(nn.Module):
     gemv_tensors = ("weight", "bias_f32")  # what the GEMV reads
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None, many: str = "onednn"):
-        """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear) or "w16" (the
-        kernels' matmul_w16, fp32 FMAs on bf16 weights; needs `gemv`); see prefer_w16."""
+        """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear) or "panels"
+        (the kernels' matmul_panels, fp32 FMAs on widened bf16 weights; needs `gemv`); see panels_win."""
         super().__init__()
         w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
         self.gemv = gemv if gemv is not None and w.shape[1] % 64 == 0 else None
@@ -227,8 +227,8 @@ class Bf16Conv1D(nn.Module):
         self.bias = None if bias is None else bias.detach().clone()
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
         self.panels = self.packed = None
-        if many == "w16" and self.gemv is not None:
-            self.panels = pack_w16(weight.detach())
+        if many == "panels" and self.gemv is not None:
+            self.panels = pack_panels(weight.detach().to(torch.bfloat16))
         else:
             # the row-count hint 16: no slower at 1 row than the hint 1, faster at 32 (10.9 vs 11.4 ms, 30.0 vs 34.6)
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
@@ -238,7 +238,7 @@ class Bf16Conv1D(nn.Module):
         if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[gelu])
         if self.panels is not None:
-            return self.gemv.matmul_w16(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
+            return self.gemv.matmul_panels(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         if gelu is not None:
@@ -255,28 +255,6 @@ class Bf16Conv1D(nn.Module):
         return self._run(x, None, residual.contiguous())
 
     @staticmethod
-    def prefer_w16(weight: torch.Tensor, gemv, rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
-        """Whether the kernels' matmul_w16 beats oneDNN's bf16 linear on this CPU, timed on one of
-        the model's weights ((in, out) bf16) at `rows` rows, the two taking turns: (w16 wins, its
-        best ms, oneDNN's best ms). Which wins is a property of the CPU, not of the shape: where
-        vdpbf16ps runs at half the FMA rate (the Intel Xeon without AMX we measured) fp32 FMAs on
-        widened weights are ~1.7x faster at every row count (48 block matmuls, ms: 8 rows 5.6 vs
-        9.8, 32 rows 20.2 vs 34.1, 512 rows 334 vs 521); with AMX, or on AMD Zen 4 (bf16 dot
-        products at twice the fp32 rate), oneDNN's is. The loser's copy of the weights is never made."""
-        import time
-
-        x = torch.randn(rows, weight.shape[0]).to(torch.bfloat16)
-        ours = Bf16Conv1D(weight, None, gemv=gemv, many="w16")
-        theirs = Bf16Conv1D(weight, None, gemv=gemv, many="onednn")
-        best = {id(ours): math.inf, id(theirs): math.inf}
-        for _ in range(repeats + 1):  # the first round warms both up
-            for m in (ours, theirs):
-                t = time.perf_counter()
-                m(x)
-                best[id(m)] = min(best[id(m)], time.perf_counter() - t) if _ else math.inf
-        return best[id(ours)] < best[id(theirs)], best[id(ours)] * 1e3, best[id(theirs)] * 1e3
-
-    @staticmethod
     def supported(dtype: torch.dtype, device: torch.device) -> bool:
         return (
             device.type == "cpu"
@@ -286,14 +264,42 @@ class Bf16Conv1D(nn.Module):
         )
 
 
-def pack_w16(weight: torch.Tensor) -> torch.Tensor:
-    """(in, out) = (K, N) bf16 -> the panels matmul_w16 reads (gemv.cpp): (ceil(N / 32), K, 32), each
-    panel 32 output columns (the last zero-padded), each of its rows pairing column c with c + 16
-    in 32 bits, so one 64-byte load widens to two fp32 vectors with one instruction each."""
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out) = (K, N) weight, bf16 or fp32 -> the panels matmul_panels reads (gemv.cpp):
+    (ceil(N / 32), K, 32) in the weight's dtype, each panel 32 output columns (the last zero-padded).
+    bf16 rows pair column c with c + 16 in 32 bits, so one 64-byte load widens to two fp32 vectors
+    with one instruction each; fp32 rows are the 32 columns in order."""
     K, N = weight.shape
     P = (N + 31) // 32
-    w = F.pad(weight.to(torch.bfloat16), (0, P * 32 - N))  # (K, 32P)
-    return w.view(K, P, 2, 16).permute(1, 0, 3, 2).contiguous().view(P, K, 32)  # [p, k, 2i + h] = w[k, 32p + 16h + i]
+    w = F.pad(weight, (0, P * 32 - N))  # (K, 32P)
+    if w.dtype == torch.bfloat16:
+        return w.view(K, P, 2, 16).permute(1, 0, 3, 2).contiguous().view(P, K, 32)  # [p, k, 2i + h] = w[k, 32p + 16h + i]
+    return w.view(K, P, 32).permute(1, 0, 2).contiguous()
+
+
+def panels_win(make, weight: torch.Tensor, rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
+    """Whether the kernels' matmul_panels beats oneDNN's linear on this CPU for `weight` ((in, out),
+    one of the model's), timed at `rows` rows, the two taking turns: (panels win, their best ms,
+    oneDNN's best ms). make(weight, many) builds the projection module either way.
+
+    Which wins is a property of the CPU more than of the shape. bf16: where vdpbf16ps runs at half
+    the FMA rate (the Intel Xeon without AMX we measured), fp32 FMAs on widened weights are ~1.7x
+    faster at every row count (48 block matmuls, ms: 8 rows 5.6 vs 9.8, 32 rows 20.2 vs 34.1, 512
+    rows 334 vs 521); with AMX, or on AMD Zen 4 (bf16 dot products at twice the fp32 rate),
+    oneDNN's should be. fp32 (same machine): 8 rows 8.5 vs 11.0, 32 rows 20.9 vs 23.1, 512 rows
+    alike. The loser's copy of the weights is never made."""
+    import time
+
+    x = torch.randn(rows, weight.shape[0]).to(weight.dtype)
+    ours, theirs = make(weight, "panels"), make(weight, "onednn")
+    best = [math.inf, math.inf]
+    for r in range(repeats + 1):  # round 0 warms both up
+        for i, m in enumerate((ours, theirs)):
+            t = time.perf_counter()
+            m(x)
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best[0] < best[1], best[0] * 1e3, best[1] * 1e3
 
 
 class F32Conv1D(nn.Module):
@@ -319,19 +325,27 @@ class F32Conv1D(nn.Module):
     gemv_rows = 4  # at 8 rows oneDNN's packed kernel is faster (16.0 vs 17.9 ms)
     gemv_tensors = ("weight", "bias")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None, gemv=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None, gemv=None, many: str = "onednn"):
+        """many: what runs calls of more than gemv_rows rows: "onednn" (its packed linear) or "panels"
+        (the kernels' matmul_panels; needs `gemv`); see panels_win."""
         super().__init__()
         w_t = weight.detach().t().contiguous()  # (out, in); no copy when `weight` is a transposed view (the head's wte)
         self.gemv = gemv if gemv is not None and w_t.shape[1] % 32 == 0 else None
         # the small calls' plain weight: (out, in) for the GEMV, else the checkpoint's (in, out) for addmm
         self.weight = w_t if self.gemv is not None else weight.detach()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w_t, 16)
+        self.panels = self.packed = None
+        if many == "panels" and self.gemv is not None:
+            self.panels = pack_panels(weight.detach())
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w_t, 16)
         self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the addmm path
 
     def _small(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
-        """A call of <= gemv_rows rows (GEMV), or one row (MKL's addmm) without the kernels.
-        act: None, or GELU's `approximate` ("tanh" / "none")."""
+        """A call of the kernels (the GEMV up to gemv_rows rows, matmul_panels above when it won),
+        or one row (MKL's addmm) without them. act: None, or GELU's `approximate` ("tanh" / "none")."""
+        if self.gemv is not None and x.shape[0] > self.gemv_rows:
+            return self.gemv.matmul_panels(x.contiguous(), self.panels, self.weight.shape[0], self.bias, residual, _GEMV_ACT[act])
         if self.gemv is not None:
             return self.gemv.gemv_f32(x.contiguous(), self.weight, self.bias, residual, _GEMV_ACT[act])
         y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else x @ self.weight
@@ -343,17 +357,17 @@ class F32Conv1D(nn.Module):
         return x.shape[0] <= (self.gemv_rows if self.gemv is not None else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._is_small(x):
+        if self._is_small(x) or self.panels is not None:
             return self._small(x, None, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        if self._is_small(x):
+        if self._is_small(x) or self.panels is not None:
             return self._small(x, approximate, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self._is_small(x):
+        if self._is_small(x) or self.panels is not None:
             return self._small(x, None, residual.contiguous())
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.packed, self.bias, "add")
 
@@ -726,17 +740,11 @@ class GPT2LMHeadModel(nn.Module):
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
-            many = "onednn"
-            if gemv is not None:
-                c_fc = self.transformer.h[0].mlp.c_fc.weight
-                w16, ms_w16, ms_onednn = Bf16Conv1D.prefer_w16(c_fc.detach(), gemv)
-                many = "w16" if w16 else "onednn"
-                log.info("bf16 matmuls of > %d rows: %s (c_fc at 32 rows: matmul_w16 %.2f ms, oneDNN %.2f ms)",
-                         Bf16Conv1D.gemv_rows, many, ms_w16, ms_onednn)
-            self.bf16_many = many
+            many = self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
-            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv)  # noqa: E731
+            many = self._choose_many(lambda w, m: F32Conv1D(w, None, gemv=gemv, many=m), gemv)
+            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv, many=many)  # noqa: E731
             fp32 = gemv is None
         if replace is not None:
             for block in self.transformer.h:
@@ -748,6 +756,18 @@ class GPT2LMHeadModel(nn.Module):
         self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self
+
+    def _choose_many(self, make, gemv) -> str:
+        """What runs the projections' calls of > 4 rows (bf16 and fp32): "panels" (the kernels'
+        matmul_panels) where it beats oneDNN on this CPU, timed once on layer 0's c_fc (panels_win),
+        else "onednn". Kept in `self.many_rows` and logged."""
+        many = "onednn"
+        if gemv is not None:
+            won, ms_panels, ms_onednn = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach())
+            many = "panels" if won else "onednn"
+            log.info("matmuls of > 4 rows: %s (c_fc at 32 rows: matmul_panels %.2f ms, oneDNN %.2f ms)", many, ms_panels, ms_onednn)
+        self.many_rows = many
+        return many
 
     def refresh_gemv_weights(self) -> None:
         """Copy what the small-batch kernels read (each projection's `gemv_tensors`, and wte where

@@ -80,49 +80,51 @@ def test_gemv_builds_where_supported(tmp_path):
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
-@pytest.mark.parametrize("many", ["onednn", "w16"])
+@pytest.mark.parametrize("many", ["onednn", "panels"])
 def test_bf16_matches_conv1d(gemv, many):
     """Both ways of running calls of > gemv_rows rows: oneDNN's bf16 linear, and the kernels'
-    matmul_w16 (fp32 FMAs on panel-packed bf16 weights; only with the kernels)."""
+    matmul_panels (fp32 FMAs on panel-packed bf16 weights; only with the kernels)."""
     ref = _conv(128, 384)
     kernel = Bf16Conv1D(ref.weight.to(torch.bfloat16), ref.bias.to(torch.bfloat16), gemv=kernels.gemv() if gemv else None, many=many)
     assert (kernel.gemv is not None) == gemv
-    assert (kernel.panels is not None) == (gemv and many == "w16") and (kernel.packed is None) == (kernel.panels is not None)
+    assert (kernel.panels is not None) == (gemv and many == "panels") and (kernel.packed is None) == (kernel.panels is not None)
     _check(kernel, ref, torch.bfloat16, 0.02)
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("n", [40, 300])
-def test_matmul_w16_output_widths_that_are_not_panel_multiples(n):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_matmul_panels_output_widths_that_are_not_panel_multiples(n, dtype):
     """The head's case (50,257 columns): the last panel is zero-padded and its padding is never
     written; every real column equals the fp32 product of the bf16 weights."""
-    from gpt2serve.model.gpt2 import pack_w16
+    from gpt2serve.model.gpt2 import pack_panels
 
     ops = kernels.gemv()
     g = torch.Generator().manual_seed(n)
-    w = (torch.randn(64, n, generator=g) * 0.05).to(torch.bfloat16)
+    w = (torch.randn(64, n, generator=g) * 0.05).to(dtype)
     x = torch.randn(9, 64, generator=g)
-    panels = pack_w16(w)
+    panels = pack_panels(w)
     assert panels.shape == ((n + 31) // 32, 64, 32)
-    y = ops.matmul_w16(x, panels, n, None, None, 0)
+    y = ops.matmul_panels(x, panels, n, None, None, 0)
     assert y.shape == (9, n)
     assert _rel(y, x @ w.float()) < 1e-5
     with pytest.raises(RuntimeError, match="N does not match"):
-        ops.matmul_w16(x, panels, n + 32, None, None, 0)
+        ops.matmul_panels(x, panels, n + 32, None, None, 0)
 
 
 @pytest.mark.skipif(not kernels.supported() or not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="no native bf16 or no kernels here")
-def test_bf16_model_makes_one_copy_for_many_rows():
-    """prepare_for_serving times matmul_w16 against oneDNN once and builds only the winner's
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_model_makes_one_copy_for_many_rows(dtype):
+    """prepare_for_serving times matmul_panels against oneDNN once and builds only the winner's
     weights: every projection and the head hold exactly one of the two."""
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
-    m = GPT2LMHeadModel(cfg).init_random(seed=4).to(torch.bfloat16).prepare_for_serving()
-    assert m.bf16_many in ("w16", "onednn")
-    mods = [mod for mod in m.modules() if isinstance(mod, Bf16Conv1D)]
+    m = GPT2LMHeadModel(cfg).init_random(seed=4).to(dtype).prepare_for_serving()
+    assert m.many_rows in ("panels", "onednn")
+    mods = [mod for mod in m.modules() if isinstance(mod, (Bf16Conv1D, F32Conv1D))]
     assert len(mods) == 4 * 2 + 1
     for mod in mods:
-        assert (mod.panels is not None) == (m.bf16_many == "w16") and (mod.packed is None) == (m.bf16_many == "w16")
+        assert (mod.panels is not None) == (m.many_rows == "panels") and (mod.packed is None) == (m.many_rows == "panels")
 
 
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["torch", "gemv"])
@@ -161,12 +163,15 @@ def test_int8_prompt_rows_equal_each_row_alone():
 
 @pytest.mark.skipif(not F32Conv1D.supported(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["addmm", "gemv"])
-def test_f32_matches_conv1d(gemv):
+@pytest.mark.parametrize("many", ["onednn", "panels"])
+def test_f32_matches_conv1d(gemv, many):
     """fp32: the GEMV up to 4 rows (or without it MKL's addmm at one row, identical to Conv1D),
-    oneDNN's packed linear with its GELU and add post-ops above (fp32 rounding order only)."""
+    above oneDNN's packed linear with its GELU and add post-ops or the kernels' matmul_panels
+    (fp32 rounding order only)."""
     ref = _conv(64, 192)
-    kernel = F32Conv1D(ref.weight, ref.bias, gemv=kernels.gemv() if gemv else None)
+    kernel = F32Conv1D(ref.weight, ref.bias, gemv=kernels.gemv() if gemv else None, many=many)
     assert (kernel.gemv is not None) == gemv
+    assert (kernel.panels is not None) == (gemv and many == "panels")
     _check(kernel, ref, torch.float32, 1e-5)
     x = torch.randn(1, 64)
     with torch.inference_mode():
