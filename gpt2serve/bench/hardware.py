@@ -7,7 +7,10 @@ A ceiling at batch M is the lower of the two (M * bandwidth bound, compute bound
 
 The matmul rate is measured with torch's own kernels (MKL/oneDNN for fp32 and bf16, `torch._int_mm`
 for int8) at GPT-2's real shapes, so a ceiling here is "what the best available kernel does", not
-the datasheet peak. Run `python -m gpt2serve.bench.hardware` to print them.
+the datasheet peak. bf16 weights may also be multiplied in fp32 once widened (the serving kernels do
+where that is faster), so the 16-bit compute bound takes, shape by shape, the faster of the bf16 and
+fp32 products (on the Intel Xeon without AMX we measured, fp32 ran twice bf16's rate: the bf16
+ceiling alone had the engine at 104-142% of it). Run `python -m gpt2serve.bench.hardware` to print them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 DTYPES = ("float32", "bfloat16", "int8")
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1}
 DEFAULT_ROWS = (1, 8, 32, 512)
+# the arithmetic a dtype's weights can be multiplied in: its own, or a wider float after widening
+COMPUTE_AS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float32"), "int8": ("int8",)}
 
 
 # ---------------------------------------------------------------------------- model cost
@@ -171,9 +176,11 @@ class HardwareProfile:
     cpu: str = ""
 
     def step_seconds(self, dtype: str, rows: int, cost: ModelCost, lm_head: bool = True) -> float:
-        """Time of all weight matmuls of one forward step over `rows` tokens, from the per-shape timings."""
-        table = self.matmul[dtype][str(rows)]
-        return sum(table[f"{k}x{n}"]["seconds"] * c for k, n, c in cost.shapes(lm_head))
+        """Time of all weight matmuls of one forward step over `rows` tokens, from the per-shape timings:
+        each shape at the fastest arithmetic its weights allow (COMPUTE_AS) among those measured."""
+        tables = [self.matmul[d][str(rows)] for d in COMPUTE_AS.get(dtype, (dtype,))
+                  if str(rows) in self.matmul.get(d, {})]
+        return sum(min(t[f"{k}x{n}"]["seconds"] for t in tables) * c for k, n, c in cost.shapes(lm_head))
 
     def model_gflops(self, dtype: str, rows: int, cost: ModelCost) -> float:
         """Matmul rate over GPT-2's mix of shapes at `rows` rows (time-weighted, lm_head included)."""

@@ -517,7 +517,8 @@ def format_markdown(report: dict) -> str:
         lines += ["", "## Hardware ceilings (this run)", "",
                   (f"Memory bandwidth {bw:.1f} GB/s read; " if bw else "")
                   + "batch 1 = bandwidth / weight bytes per token, batched and prefill = matmul rate at that many rows "
-                  "/ FLOPs per token (`gpt2serve.bench.hardware`).", "",
+                  "/ FLOPs per token (`gpt2serve.bench.hardware`; 16-bit: each shape at the faster of bf16 and fp32 "
+                  "products, as bf16 weights can be widened to fp32).", "",
                   "| dtype | " + " | ".join(label[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         for klass, c in ceils.items():
             lines.append(f"| {CLASS_LABEL.get(klass, klass)} | " + " | ".join(

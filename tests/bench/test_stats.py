@@ -105,6 +105,17 @@ def test_ceilings_are_the_lower_of_bandwidth_and_compute():
     assert "bandwidth" in hardware.format_report(prof, c).lower()
 
 
+def test_bf16_compute_bound_is_the_faster_of_bf16_and_fp32():
+    """bf16 weights can be widened and multiplied in fp32: where the CPU's fp32 products are faster
+    (the Intel Xeon without AMX), the 16-bit ceiling follows them; where bf16 is faster, bf16."""
+    cost = hardware.ModelCost()
+    for bf16_rate, fp32_rate in ((160.0, 320.0), (430.0, 190.0)):
+        prof = _flat_profile(cost, {"float32": fp32_rate, "bfloat16": bf16_rate}, rows=(32,), bw_gbs=35.0)
+        c = hardware.ceilings(prof, cost, batches=(32,), prefill_len=0)
+        assert c["bfloat16"]["decode_b32"] == pytest.approx(max(bf16_rate, fp32_rate) * 1e9 / cost.decode_flops_per_token(96))
+        assert c["float32"]["decode_b32"] == pytest.approx(fp32_rate * 1e9 / cost.decode_flops_per_token(96))
+
+
 def test_peers_summary_ratios():
     report = {
         "workload": {"batches": [1], "prompt_len": 32, "new_tokens": 8, "prefill_len": 0},
