@@ -1,7 +1,8 @@
 """Hand-written CPU kernels (gemv.cpp), compiled on this machine the first time they are needed.
 
 `gemv()` returns the torch ops namespace holding `gemv_int8`, `gemv_bf16`, `gemv_f32` (projections of <= 8
-rows), `matmul_int8` (int8 projections of many rows), `decode_attention` (one query per sequence over
+rows), `matmul_int8_panels` / `matmul_int8` (int8 projections of 5-63 / more rows), `matmul_panels` (bf16
+and fp32 projections of many rows), `decode_attention` (one query per sequence over
 the paged KV cache, read in place), `prefill_attention` (a prompt chunk's causal attention) and
 `decode_layers` (every block of a small decode step), or
 None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed

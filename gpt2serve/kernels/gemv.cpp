@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -260,6 +261,83 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         finish16<float>(yp, N, m, n, nb, _mm512_mul_ps(_mm512_mul_ps(d, s), _mm512_maskz_loadu_ps(k, sc + n)), bp, rp, act);
       }
     }
+  });
+  return y;
+}
+
+// int8 for 5 to ~63 rows (batched decode, short prompts): the GEMV's arithmetic again (x per row to
+// u8 + 128 by quantize_row, exact int32 dot products, the same epilogue, so a row's result is the
+// GEMV's to the bit), but tiled: weights in panels of 32 output columns, each k-group of 4 inputs
+// one 128-byte row (32 columns x 4 bytes, vpdpbusd's layout), an 8 x 32 tile of int32 sums in 16
+// registers; per 4 k: two loads, 8 broadcasts of 4 x bytes, 16 vpdpbusd.
+template <int MR>
+void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t* panel, const int32_t* wsum,
+                     const float* wscale, int64_t m0, int64_t n0, int64_t N, const float* bias, const float* res,
+                     float* y, int64_t act) {
+  __m512i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  const uint8_t* xr = xq + m0 * K;
+  for (int64_t g = 0; g < K / 4; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch + 64, _MM_HINT_T1);
+    const __m512i w0 = _mm512_loadu_si512(panel + g * 128), w1 = _mm512_loadu_si512(panel + g * 128 + 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, xr + r * K + 4 * g, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, w1);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = n0 + 16 * h;
+    if (n >= N) break;  // the last panel's zero padding
+    const int64_t nb = std::min<int64_t>(16, N - n);
+    const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
+    const __m512i zp = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, wsum + n), _mm512_set1_epi32(128));
+    const __m512 ws = _mm512_maskz_loadu_ps(k, wscale + n);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][h], zp));
+      finish16<float>(y, N, m0 + r, n, nb, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[m0 + r])), ws), bias, res, act);
+    }
+  }
+}
+
+// x: (M, K) fp32; w: (ceil(N / 32), K / 4, 32, 4) int8 panels (pack_int8_panels in gpt2.py) of the
+// GEMV's (N, K) weights, wsum / wscale their row sums and scales (N,); returns y (M, N) fp32
+at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& wscale,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && x.size(1) == 4 * w.size(1) && x.size(0) >= 1,
+              "matmul_int8_panels: x (M, K) and w (ceil(N/32), K/4, 32, 4) expected");
+  TORCH_CHECK(x.size(1) % 16 == 0, "matmul_int8_panels: K must be a multiple of 16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "matmul_int8_panels: contiguous fp32 x, int8 w");
+  const int64_t M = x.size(0), K = x.size(1), N = wsum.numel();
+  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_int8_panels: N does not match the panels");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
+              wscale.numel() == N, "matmul_int8_panels: int32 wsum, fp32 wscale (N,)");
+  TORCH_CHECK(act >= 0 && act <= 2, "matmul_int8_panels: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "matmul_int8_panels: fp32 bias (N,)");
+  if (residual)
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == at::kFloat && residual->size(0) == M && residual->size(1) == N,
+                "matmul_int8_panels: fp32 residual (M, N)");
+  std::vector<uint8_t> xq(M * K);
+  std::vector<float> xs(M);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row<true>(xp + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K));
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const int32_t* sp = wsum.data_ptr<int32_t>();
+  const float* sc = wscale.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
+          int8_panel_tile<decltype(rows)::value>(xq.data(), xs.data(), K, wp + p * K * 32, sp, sc, m0, p * 32, N, bp, rp, yp, act);
+        });
   });
   return y;
 }
@@ -825,6 +903,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
 TORCH_LIBRARY(gpt2serve, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_int8(Tensor x, Tensor w, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
+  m.def("matmul_int8_panels(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_panels(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
@@ -838,6 +917,7 @@ TORCH_LIBRARY(gpt2serve, m) {
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
   m.impl("matmul_int8", matmul_int8);
+  m.impl("matmul_int8_panels", matmul_int8_panels);
   m.impl("gemv_bf16", gemv_float<at::BFloat16>);
   m.impl("matmul_panels", matmul_panels);
   m.impl("gemv_f32", gemv_float<float>);

@@ -140,21 +140,24 @@ def test_int8_matches_conv1d(amx, gemv):
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-def test_int8_prompt_rows_equal_each_row_alone():
-    """matmul_int8 (prompts, from Int8Conv1D.matmul_rows) quantises each row on its own and finishes
-    it as the GEMV does: every row of a 70-row call equals, to the bit, that row run alone on the
-    GEMV, whatever the other rows hold (fbgemm, one scale for the whole batch, would not)."""
-    ref = _conv(128, 384)
+@pytest.mark.parametrize("rows", [13, 37, 70], ids=["panels-13", "panels-37", "matmul-70"])
+def test_int8_rows_equal_each_row_alone(rows):
+    """With the kernels every int8 call computes a row as the GEMV does: matmul_int8_panels (5 to
+    63 rows) and matmul_int8 (from Int8Conv1D.matmul_rows) quantise each row on its own and finish
+    it with the GEMV's epilogue, so every row of a batch equals, to the bit, that row run alone on
+    the GEMV, whatever the other rows hold (fbgemm, one scale for the whole batch, would not)."""
+    ref = _conv(128, 368)  # 368 columns: the last 32-column panel half padding
     kernel = Int8Conv1D(ref.weight, ref.bias, gemv=kernels.gemv())
+    assert kernel._packed is None  # no fbgemm copy where the kernels take every row count
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(70, 128, generator=g)
+    x = torch.randn(rows, 128, generator=g)
     x[5] *= 50  # an outlier row: with a shared scale it would coarsen every other row
-    res = torch.randn(70, 384, generator=g)
+    res = torch.randn(rows, 368, generator=g)
     with torch.inference_mode():
         for call in (lambda a, r: kernel(a), lambda a, r: kernel.forward_gelu(a, "tanh"),
                      lambda a, r: kernel.forward_gelu(a, "none"), lambda a, r: kernel.forward_add(a, r)):
             whole = call(x, res)
-            for i in (0, 5, 69):
+            for i in (0, 5, rows - 1):
                 assert torch.equal(whole[i:i + 1], call(x[i:i + 1], res[i:i + 1])), i
     ops = kernels.gemv()
     with pytest.raises(RuntimeError, match="multiple of 16"):
