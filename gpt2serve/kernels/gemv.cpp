@@ -277,6 +277,7 @@ void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t
   __m512i acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   const uint8_t* xr = xq + m0 * K;
+#pragma GCC unroll 2  // GCC otherwise copies every accumulator between registers each iteration: 32 rows 6.9 -> 5.6 ms
   for (int64_t g = 0; g < K / 4; ++g) {
     _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch, _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch + 64, _MM_HINT_T1);
