@@ -166,6 +166,26 @@ inline float quantize_row(const float* x, int64_t K, int8_t* q) {
   return s;
 }
 
+// What every int8 kernel call reads besides the weights: x's rows quantised (u8 = q + 128, VNNI's
+// u8 operand) with their scales, the weights' row sums and scales, and the epilogue's bias and
+// residual (fp32, or null)
+struct Int8Args {
+  std::vector<uint8_t> xq;
+  std::vector<float> xs;
+  const int32_t* wsum;
+  const float* wscale;
+  const float* bias;
+  const float* res;
+  Int8Args(const at::Tensor& x, const at::Tensor& wsum_t, const at::Tensor& wscale_t, const c10::optional<at::Tensor>& b,
+           const c10::optional<at::Tensor>& r)
+      : xq(x.numel()), xs(x.size(0)), wsum(wsum_t.data_ptr<int32_t>()), wscale(wscale_t.data_ptr<float>()),
+        bias(b ? b->data_ptr<float>() : nullptr), res(r ? r->data_ptr<float>() : nullptr) {
+    const int64_t K = x.size(1);
+    const float* xp = x.data_ptr<float>();
+    for (int64_t m = 0; m < x.size(0); ++m) xs[m] = quantize_row<true>(xp + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K));
+  }
+};
+
 template <int M>
 void int8_rows(const uint8_t* xq, const float* xs, const int8_t* w, const int32_t* wsum, const float* wscale,
                const float* bias, const float* res, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t act) {
@@ -197,22 +217,14 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wscale.scalar_type() == at::kFloat, "gemv_int8: int32 wsum, fp32 wscale");
   if (residual) TORCH_CHECK(residual->scalar_type() == at::kFloat, "gemv_int8: fp32 residual");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-
-  // x per row as u8 = q + 128 (VNNI's u8 operand)
-  std::vector<uint8_t> xq(M * K);
-  float xs[kMaxRows];
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row<true>(xp + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K));
+  const Int8Args a(x, wsum, wscale, bias, residual);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
-  const int32_t* sp = wsum.data_ptr<int32_t>();
-  const float* sc = wscale.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const uint8_t* qp = xq.data();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto rows) { int8_rows<decltype(rows)::value>(qp, xs, wp, sp, sc, bp, rp, yp, K, N, n0, n1, act); });
+    with_rows(M, [&](auto rows) {
+      int8_rows<decltype(rows)::value>(a.xq.data(), a.xs.data(), wp, a.wsum, a.wscale, a.bias, a.res, yp, K, N, n0, n1, act);
+    });
   });
   return y;
 }
@@ -322,22 +334,16 @@ at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at
   if (residual)
     TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == at::kFloat && residual->size(0) == M && residual->size(1) == N,
                 "matmul_int8_panels: fp32 residual (M, N)");
-  std::vector<uint8_t> xq(M * K);
-  std::vector<float> xs(M);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row<true>(xp + m * K, K, reinterpret_cast<int8_t*>(xq.data() + m * K));
+  const Int8Args a(x, wsum, wscale, bias, residual);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
-  const int32_t* sp = wsum.data_ptr<int32_t>();
-  const float* sc = wscale.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t m0 = 0; m0 < M; m0 += 8)
         with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
-          int8_panel_tile<decltype(rows)::value>(xq.data(), xs.data(), K, wp + p * K * 32, sp, sc, m0, p * 32, N, bp, rp, yp, act);
+          int8_panel_tile<decltype(rows)::value>(a.xq.data(), a.xs.data(), K, wp + p * K * 32, a.wsum, a.wscale, m0, p * 32, N,
+                                                 a.bias, a.res, yp, act);
         });
   });
   return y;

@@ -277,21 +277,22 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return w.view(K, P, 32).permute(1, 0, 2).contiguous()
 
 
-def panels_win(make, weight: torch.Tensor, rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
-    """Whether the kernels' matmul_panels beats oneDNN's linear on this CPU for `weight` ((in, out),
-    one of the model's), timed at `rows` rows, the two taking turns: (panels win, their best ms,
-    oneDNN's best ms). make(weight, many) builds the projection module either way.
+def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
+    """Whether the kernels' panel matmul beats `rival`'s on this CPU for `weight` ((in, out), one of
+    the model's), timed at `rows` rows, the two taking turns: (panels win, their best ms, the rival's
+    best ms). make(weight, many) builds the projection module either way (many: "panels" or rival).
 
     Which wins is a property of the CPU more than of the shape. bf16: where vdpbf16ps runs at half
     the FMA rate (the Intel Xeon without AMX we measured), fp32 FMAs on widened weights are ~1.7x
     faster at every row count (48 block matmuls, ms: 8 rows 5.6 vs 9.8, 32 rows 20.2 vs 34.1, 512
     rows 334 vs 521); with AMX, or on AMD Zen 4 (bf16 dot products at twice the fp32 rate),
     oneDNN's should be. fp32 (same machine): 8 rows 8.5 vs 11.0, 32 rows 20.9 vs 23.1, 512 rows
-    alike. The loser's copy of the weights is never made."""
+    alike. int8 (against fbgemm, at 12 rows: below AMX's oneDNN): 8 rows 2.1 vs 3.4 ms, 32 rows 5.6
+    vs 7.2. The loser's copy of the weights is never made."""
     import time
 
     x = torch.randn(rows, weight.shape[0]).to(weight.dtype)
-    ours, theirs = make(weight, "panels"), make(weight, "onednn")
+    ours, theirs = make(weight, "panels"), make(weight, rival)
     best = [math.inf, math.inf]
     for r in range(repeats + 1):  # round 0 warms both up
         for i, m in enumerate((ours, theirs)):
@@ -432,7 +433,9 @@ class Int8Conv1D(nn.Module):
     matmul_rows = 64  # from here (prompts) matmul_int8; below, matmul_int8_panels (at 64 rows alike, 13.8-14.0 ms)
     gemv_tensors = ("q", "qsum", "scale", "bias")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels"):
+        """many: what runs calls of 5-63 rows with the kernels, "panels" (matmul_int8_panels) or
+        "fbgemm"; see panels_win."""
         super().__init__()
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
@@ -441,12 +444,14 @@ class Int8Conv1D(nn.Module):
         self._packed_amx = self._prepack(q, scale, bias, "onednn") if amx else None
         self.gelu_ops = gemv
         self.gemv = gemv if gemv is not None and q.shape[1] % 128 == 0 else None
-        # fbgemm's packed copy only where the kernels cannot take every row count
-        self._packed = self._prepack(q, scale, bias, "fbgemm") if self.gemv is None else None
+        # fbgemm's packed copy only where the kernels do not take every row count
+        self.panels = None
         if self.gemv is not None:
             self.q, self.scale, self.bias = q, scale.float().contiguous(), bias
             self.qsum = q.sum(dim=1, dtype=torch.int32)  # (out,): takes the activations' zero point back out
-            self.panels = pack_int8_panels(q)
+            if many == "panels":
+                self.panels = pack_int8_panels(q)
+        self._packed = self._prepack(q, scale, bias, "fbgemm") if self.panels is None else None
 
     def _kernel(self, x: torch.Tensor, act, residual: torch.Tensor | None) -> torch.Tensor | None:
         """The kernels' int8 product with GELU / the residual fused, or None where fbgemm / oneDNN
@@ -461,9 +466,11 @@ class Int8Conv1D(nn.Module):
         a = _GEMV_ACT[act]
         if rows <= self.gemv_rows:
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
-        if rows < self.matmul_rows:
+        if rows >= self.matmul_rows:
+            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
+        if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
-        return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
+        return None
 
     @staticmethod
     def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, engine: str):
@@ -756,7 +763,9 @@ class GPT2LMHeadModel(nn.Module):
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
-            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv)  # noqa: E731
+            # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
+            many = self._choose_many(lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
+            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
                 # were ~38% of an int8 step at batch 32): a bf16 cache halves those bytes, and its
@@ -780,15 +789,17 @@ class GPT2LMHeadModel(nn.Module):
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self
 
-    def _choose_many(self, make, gemv) -> str:
-        """What runs the projections' calls of > 4 rows (bf16 and fp32): "panels" (the kernels'
-        matmul_panels) where it beats oneDNN on this CPU, timed once on layer 0's c_fc (panels_win),
-        else "onednn". Kept in `self.many_rows` and logged."""
-        many = "onednn"
+    def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32) -> str:
+        """What runs the projections' calls of > 4 rows (int8: 5-63): "panels" (the kernels' panel
+        matmul) where it beats `rival` on this CPU, timed once on layer 0's c_fc (panels_win), else
+        the rival. Kept in `self.many_rows` and logged."""
+        many = rival
         if gemv is not None:
-            won, ms_panels, ms_onednn = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach())
-            many = "panels" if won else "onednn"
-            log.info("matmuls of > 4 rows: %s (c_fc at 32 rows: matmul_panels %.2f ms, oneDNN %.2f ms)", many, ms_panels, ms_onednn)
+            won, ms_panels, ms_rival = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach().float()
+                                                  if rival == "fbgemm" else self.transformer.h[0].mlp.c_fc.weight.detach(),
+                                                  rival=rival, rows=rows)
+            many = "panels" if won else rival
+            log.info("matmuls of > 4 rows: %s (c_fc at %d rows: panels %.2f ms, %s %.2f ms)", many, rows, ms_panels, rival, ms_rival)
         self.many_rows = many
         return many
 

@@ -36,6 +36,12 @@ def _conv(nx: int, nf: int, seed: int = 0) -> Conv1D:
     return c.requires_grad_(False)
 
 
+def _prepared(cfg: GPT2Config, dtype: str, seed: int) -> GPT2LMHeadModel:
+    """A random model of `cfg` laid out for serving in `dtype` ("float32", "bfloat16", "int8")."""
+    m = GPT2LMHeadModel(cfg).init_random(seed=seed).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    return m.prepare_for_serving(int8=dtype == "int8")
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -114,28 +120,32 @@ def test_matmul_panels_output_widths_that_are_not_panel_multiples(n, dtype):
 
 @pytest.mark.skipif(not kernels.supported() or not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="no native bf16 or no kernels here")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
 def test_model_makes_one_copy_for_many_rows(dtype):
-    """prepare_for_serving times matmul_panels against oneDNN once and builds only the winner's
-    weights: every projection and the head hold exactly one of the two."""
+    """prepare_for_serving times the panel matmul against oneDNN (int8: fbgemm) once and builds only
+    the winner's weights: every projection and the head hold exactly one of the two."""
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
-    m = GPT2LMHeadModel(cfg).init_random(seed=4).to(dtype).prepare_for_serving()
-    assert m.many_rows in ("panels", "onednn")
-    mods = [mod for mod in m.modules() if isinstance(mod, (Bf16Conv1D, F32Conv1D))]
+    m = _prepared(cfg, dtype, seed=4)
+    assert m.many_rows in (("panels", "fbgemm") if dtype == "int8" else ("panels", "onednn"))
+    mods = [mod for mod in m.modules() if isinstance(mod, (Bf16Conv1D, F32Conv1D, Int8Conv1D))]
     assert len(mods) == 4 * 2 + 1
     for mod in mods:
-        assert (mod.panels is not None) == (m.many_rows == "panels") and (mod.packed is None) == (m.many_rows == "panels")
+        rival = mod._packed if dtype == "int8" else mod.packed
+        assert (mod.panels is not None) == (m.many_rows == "panels") and (rival is None) == (m.many_rows == "panels")
 
 
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["torch", "gemv"])
 @pytest.mark.parametrize("amx", [False, True], ids=["fbgemm", "onednn"])
-def test_int8_matches_conv1d(amx, gemv):
+@pytest.mark.parametrize("many", ["panels", "fbgemm"])
+def test_int8_matches_conv1d(amx, gemv, many):
     # amx=True packs for oneDNN too; oneDNN runs its int8 kernels on any x86 CPU, AMX or not, so
-    # both paths are exercised everywhere (rows >= onednn_rows take oneDNN)
+    # both paths are exercised everywhere (rows >= onednn_rows take oneDNN); many: what takes 5-63
+    # rows with the kernels
     ref = _conv(128, 384)
-    kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx, gemv=kernels.gemv() if gemv else None)
+    kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx, gemv=kernels.gemv() if gemv else None, many=many)
     assert (kernel._packed_amx is not None) == amx
     assert (kernel.gemv is not None) == gemv
+    assert (kernel.panels is not None) == (gemv and many == "panels") and (kernel._packed is None) == (kernel.panels is not None)
     _check(kernel, ref, torch.float32, 0.03)
 
 
@@ -346,9 +356,7 @@ def test_prompt_logits_with_the_attention_kernel_match_sdpa(dtype):
     torch's SDPA (the kernels taken off the attention modules)."""
     if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no native bf16 here")
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=256, n_positions=200, vocab_size=500)
-    m = GPT2LMHeadModel(cfg).init_random(seed=5).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    m.prepare_for_serving(int8=dtype == "int8")
+    m = _prepared(GPT2Config(n_layer=2, n_head=4, n_embd=256, n_positions=200, vocab_size=500), dtype, seed=5)
     ids = torch.randint(0, 500, (150,), generator=torch.Generator().manual_seed(1))
     with_kernel = forward_logits(m, ids)
     for block in m.transformer.h:
@@ -381,9 +389,7 @@ def test_refresh_gemv_weights_moves_the_copies_and_changes_nothing(dtype):
     head keeps reading wte itself), and the model computes the same logits after it."""
     if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=320)
-    m = GPT2LMHeadModel(cfg).init_random(seed=4).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    m.prepare_for_serving(int8=dtype == "int8")
+    m = _prepared(GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=320), dtype, seed=4)
     ids = torch.randint(0, 320, (9,), generator=torch.Generator().manual_seed(0))
     before = forward_logits(m, ids)
     mods = [mod for mod in m.modules() if getattr(mod, "gemv", None) is not None]
