@@ -423,9 +423,10 @@ class Int8Conv1D(nn.Module):
     Calls of 5 to 63 rows (batched decode) run matmul_int8_panels: the same per-row arithmetic
     again, on a copy of the weights in panels of 32 columns (pack_int8_panels) with an 8 x 32
     register tile. Against fbgemm (48 block matmuls, same machine, ms): 5 rows 2.0 vs 2.9, 8 rows
-    2.1 vs 3.4, 16 rows 3.6 vs 4.8, 32 rows 6.8-7.1 vs 8.0, 64 rows alike. So with the kernels
-    every row count runs the GEMV's arithmetic and fbgemm's packed copy is not made: two int8
-    copies of the weights (plain and panels), plus oneDNN's with AMX.
+    2.1 vs 3.4, 16 rows 3.6 vs 4.8, 32 rows 6.8-7.1 vs 8.0, 64 rows alike. prepare_for_serving
+    times it against fbgemm once (panels_win) and makes only the winner's copy (`many`); with the
+    panels every row count runs the GEMV's arithmetic (AMX's oneDNN calls aside), and int8 keeps
+    two int8 copies of the weights (plain and panels), plus oneDNN's with AMX.
     """
 
     onednn_rows = 16
@@ -795,9 +796,7 @@ class GPT2LMHeadModel(nn.Module):
         the rival. Kept in `self.many_rows` and logged."""
         many = rival
         if gemv is not None:
-            won, ms_panels, ms_rival = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach().float()
-                                                  if rival == "fbgemm" else self.transformer.h[0].mlp.c_fc.weight.detach(),
-                                                  rival=rival, rows=rows)
+            won, ms_panels, ms_rival = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach(), rival=rival, rows=rows)
             many = "panels" if won else rival
             log.info("matmuls of > 4 rows: %s (c_fc at %d rows: panels %.2f ms, %s %.2f ms)", many, rows, ms_panels, rival, ms_rival)
         self.many_rows = many
