@@ -291,7 +291,7 @@ def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32
     vs 7.2. The loser's copy of the weights is never made."""
     import time
 
-    x = torch.randn(rows, weight.shape[0]).to(weight.dtype)
+    x = torch.randn(rows, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)  # global RNG untouched
     ours, theirs = make(weight, "panels"), make(weight, rival)
     best = [math.inf, math.inf]
     for r in range(repeats + 1):  # round 0 warms both up
