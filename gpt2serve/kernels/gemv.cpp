@@ -37,15 +37,24 @@ constexpr int64_t kMaxRows = 8;
 // 4096 bytes into L1 (T0), whose few fill buffers these many streams' prefetches overrun
 constexpr int kPrefetch = 2048;
 
+// What every projection kernel's epilogue reads: act, an fp32 bias (N,), a residual (M, N) in the
+// output's dtype.
+void check_epilogue(const char* name, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& residual, at::ScalarType out, int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 2, name, ": act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, name, ": fp32 bias (N,)");
+  if (residual)
+    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == out && residual->size(0) == M && residual->size(1) == N,
+                name, ": residual (M, N) in the output's dtype");
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t act, int64_t align) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x (M, K) and w (N, K) expected");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv: 1 to 8 rows");
   TORCH_CHECK(x.size(1) % align == 0, "gemv: K must be a multiple of ", align);
   TORCH_CHECK(w.is_contiguous() && x.is_contiguous(), "gemv: contiguous x and w expected");
-  TORCH_CHECK(act >= 0 && act <= 2, "gemv: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == at::kFloat, "gemv: fp32 bias (N,)");
-  if (residual) TORCH_CHECK(residual->is_contiguous() && residual->size(0) == x.size(0) && residual->size(1) == w.size(0), "gemv: residual (M, N)");
+  check_epilogue("gemv", x.size(0), w.size(0), bias, residual, x.scalar_type(), act);
 }
 
 // exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (within
@@ -120,6 +129,14 @@ inline void flush16(const float (&v)[M][16], Out* y, int64_t N, int64_t n, int64
   const int64_t nb = (n - n0) % 16 + 1;
   const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
   for (int m = 0; m < M; ++m) finish16<Out>(y, N, m, n + 1 - nb, nb, _mm512_maskz_loadu_ps(k, v[m]), bias, res, act);
+}
+
+// The int8 kernels' finish of 16 outputs of row m: exact int32 dot products (the activations' zero
+// point already out) to fp32, times the row's and the columns' scales, then finish16.
+inline void finish_int8_16(float* y, int64_t N, int64_t m, int64_t n, int64_t nb, __m512i dot, float xs, const float* wscale,
+                           const float* bias, const float* res, int64_t act) {
+  const __m512 ws = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nb) - 1), wscale + n);
+  finish16<float>(y, N, m, n, nb, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs)), ws), bias, res, act);
 }
 
 inline void prefetch2(const void* p) {
@@ -215,7 +232,6 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   check_common(x, w, bias, residual, act, 128);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "gemv_int8: fp32 x, int8 w");
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wscale.scalar_type() == at::kFloat, "gemv_int8: int32 wsum, fp32 wscale");
-  if (residual) TORCH_CHECK(residual->scalar_type() == at::kFloat, "gemv_int8: fp32 residual");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const Int8Args a(x, wsum, wscale, bias, residual);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -243,11 +259,7 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.is_contiguous() && x.is_contiguous(), "matmul_int8: contiguous x and w expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "matmul_int8: fp32 x, int8 w");
   TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.numel() == w.size(0), "matmul_int8: fp32 wscale (N,)");
-  TORCH_CHECK(act >= 0 && act <= 2, "matmul_int8: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == w.size(0) && bias->scalar_type() == at::kFloat, "matmul_int8: fp32 bias (N,)");
-  if (residual)
-    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == at::kFloat && residual->size(0) == x.size(0) &&
-                residual->size(1) == w.size(0), "matmul_int8: fp32 residual (M, N)");
+  check_epilogue("matmul_int8", x.size(0), w.size(0), bias, residual, at::kFloat, act);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   std::vector<float> xs(M);
@@ -264,15 +276,12 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const __m512 s = _mm512_set1_ps(xs[m]);
+    for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = 0; n < N; n += 16) {
         const int64_t nb = std::min<int64_t>(16, N - n);
-        const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
-        const __m512 d = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ap + m * N + n));
-        finish16<float>(yp, N, m, n, nb, _mm512_mul_ps(_mm512_mul_ps(d, s), _mm512_maskz_loadu_ps(k, sc + n)), bp, rp, act);
+        const __m512i dot = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << nb) - 1), ap + m * N + n);
+        finish_int8_16(yp, N, m, n, nb, dot, xs[m], sc, bp, rp, act);
       }
-    }
   });
   return y;
 }
@@ -308,11 +317,8 @@ void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t
     const int64_t nb = std::min<int64_t>(16, N - n);
     const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
     const __m512i zp = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, wsum + n), _mm512_set1_epi32(128));
-    const __m512 ws = _mm512_maskz_loadu_ps(k, wscale + n);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][h], zp));
-      finish16<float>(y, N, m0 + r, n, nb, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[m0 + r])), ws), bias, res, act);
-    }
+    for (int r = 0; r < MR; ++r)
+      finish_int8_16(y, N, m0 + r, n, nb, _mm512_sub_epi32(acc[r][h], zp), xs[m0 + r], wscale, bias, res, act);
   }
 }
 
@@ -329,11 +335,7 @@ at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at
   TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_int8_panels: N does not match the panels");
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
               wscale.numel() == N, "matmul_int8_panels: int32 wsum, fp32 wscale (N,)");
-  TORCH_CHECK(act >= 0 && act <= 2, "matmul_int8_panels: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "matmul_int8_panels: fp32 bias (N,)");
-  if (residual)
-    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == at::kFloat && residual->size(0) == M && residual->size(1) == N,
-                "matmul_int8_panels: fp32 residual (M, N)");
+  check_epilogue("matmul_int8_panels", M, N, bias, residual, at::kFloat, act);
   const Int8Args a(x, wsum, wscale, bias, residual);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -391,7 +393,6 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w, const c10::optio
   const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
   check_common(x, w, bias, residual, act, 128 / sizeof(T));
   TORCH_CHECK(x.scalar_type() == dt && w.scalar_type() == dt, name, ": ", bf16 ? "bf16" : "fp32", " x and w");
-  if (residual) TORCH_CHECK(residual->scalar_type() == dt, name, ": ", bf16 ? "bf16" : "fp32", " residual");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const T* xp = x.data_ptr<T>();
@@ -454,7 +455,7 @@ void panel_tile(const float* x, int64_t K, const W* panel, int64_t m0, int64_t n
   }
 }
 
-// x: (M, K) fp32 or bf16; w: (ceil(N / 32), K, 32) bf16 panels (see above), N columns of which are
+// x: (M, K) fp32 or bf16; w: (ceil(N / 32), K, 32) bf16 or fp32 panels (see above), N columns of which are
 // real (the rest zero); bias fp32 (N,) or none; residual (M, N) in x's dtype or none; returns y
 // (M, N) in x's dtype
 at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& bias,
@@ -464,12 +465,8 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_panels: N does not match the panels");
   TORCH_CHECK((w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat) && w.is_contiguous(), "matmul_panels: packed bf16 or fp32 w");
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous(), "matmul_panels: contiguous fp32 or bf16 x");
-  TORCH_CHECK(act >= 0 && act <= 2, "matmul_panels: act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
   const int64_t M = x.size(0), K = x.size(1);
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, "matmul_panels: fp32 bias (N,)");
-  if (residual)
-    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == x.scalar_type() && residual->size(0) == M &&
-                residual->size(1) == N, "matmul_panels: residual (M, N) in x's dtype");
+  check_epilogue("matmul_panels", M, N, bias, residual, x.scalar_type(), act);
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // broadcast from fp32: a bf16 x is widened once
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = xf.data_ptr<float>();

@@ -198,7 +198,8 @@ class Bf16Conv1D(nn.Module):
     """Conv1D in bf16 for CPUs where oneDNN computes bf16 natively (AVX512-BF16, AMX).
 
     Calls of up to `gemv_rows` rows (decode at small batch) run the hand-written AVX-512 GEMV in
-    gpt2serve/kernels when it could be built here, larger ones oneDNN's linear (AMX where present).
+    gpt2serve/kernels when it could be built here, larger ones oneDNN's linear (AMX where present)
+    or the kernels' matmul_panels, whichever was faster at load (`many`, see panels_win).
     Measured over the 49 weight matmuls of a GPT-2 124M step on the 2-core AMX machine (ms):
 
     | rows | x @ W (in, out) | F.linear | oneDNN, packed weight | gemv kernel |
@@ -210,7 +211,8 @@ class Bf16Conv1D(nn.Module):
 
     oneDNN reads the weight reordered once into its blocked layout: in the engine, 8 and 32 streams
     ran 20% and 8% faster on it than on the plain (out, in) weight. The GEMV reads the plain weight,
-    so with the kernel both are kept (one more bf16 copy of the weights, 248 MB for GPT-2 124M).
+    so with the kernel two copies are kept, the plain one and oneDNN's or the panels (one more bf16
+    copy of the weights, 248 MB for GPT-2 124M).
     GELU and the residual add are fused into the matmul's epilogue (oneDNN post-ops, or the GEMV's).
     """
 
@@ -226,12 +228,7 @@ class Bf16Conv1D(nn.Module):
         self.weight = w if self.gemv is not None else None
         self.bias = None if bias is None else bias.detach().clone()
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
-        self.panels = self.packed = None
-        if many == "panels" and self.gemv is not None:
-            self.panels = pack_panels(weight.detach().to(torch.bfloat16))
-        else:
-            # the row-count hint 16: no slower at 1 row than the hint 1, faster at 32 (10.9 vs 11.4 ms, 30.0 vs 34.6)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        self.panels, self.packed = many_rows_weights(w, many, self.gemv)
 
     def _run(self, x: torch.Tensor, gelu: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         """gelu: None, or GELU's `approximate` ("tanh" / "none") to apply after the matmul."""
@@ -277,6 +274,16 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return w.view(K, P, 32).permute(1, 0, 2).contiguous()
 
 
+def many_rows_weights(w: torch.Tensor, many: str, gemv) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(panels, packed) of an (out, in) bf16 or fp32 weight for calls of more than gemv_rows rows:
+    matmul_panels' panels when many == "panels" and the kernels are there, else oneDNN's reordered
+    weight (the row-count hint 16: no slower at 1 row than the hint 1, faster at 32: 10.9 vs 11.4
+    ms, 30.0 vs 34.6). Only one of the two is made."""
+    if many == "panels" and gemv is not None:
+        return pack_panels(w.t()), None
+    return None, torch.ops.mkldnn._reorder_linear_weight(w, 16)
+
+
 def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
     """Whether the kernels' panel matmul beats `rival`'s on this CPU for `weight` ((in, out), one of
     the model's), timed at `rows` rows, the two taking turns: (panels win, their best ms, the rival's
@@ -307,7 +314,8 @@ class F32Conv1D(nn.Module):
     """Conv1D in fp32 on CPUs with oneDNN. Calls of up to `gemv_rows` rows (decode at small batch)
     run the hand-written AVX-512 GEMV of gpt2serve/kernels on the (out, in) weight where it could be
     built here, else MKL's `x @ W` on the checkpoint's (in, out) weight; more rows run oneDNN's
-    linear on a weight it reordered once, with GELU and the residual add as post-ops.
+    linear on a weight it reordered once, with GELU and the residual add as post-ops, or the
+    kernels' matmul_panels, whichever was faster at load (`many`, see panels_win).
     Over the 48 block matmuls of GPT-2 124M (ms, same runs):
 
     | rows | 1 | 2 | 4 | 8 | 32 | 512 |
@@ -319,8 +327,8 @@ class F32Conv1D(nn.Module):
     | GEMV kernel, AMD Zen 4 | 10.9 | 11.9 | 13.2 | 17.9 | - | - |
 
     (MKL moves from its GEMV to its GEMM at 2 rows, and on AMD CPUs takes no AVX-512 path.) Two
-    copies of the blocks' weights are kept, the plain one for the small calls and oneDNN's: one
-    more fp32 copy, 340 MB for GPT-2 124M.
+    copies of the blocks' weights are kept, the plain one for the small calls and oneDNN's or the
+    panels: one more fp32 copy, 340 MB for GPT-2 124M.
     """
 
     gemv_rows = 4  # at 8 rows oneDNN's packed kernel is faster (16.0 vs 17.9 ms)
@@ -335,16 +343,12 @@ class F32Conv1D(nn.Module):
         # the small calls' plain weight: (out, in) for the GEMV, else the checkpoint's (in, out) for addmm
         self.weight = w_t if self.gemv is not None else weight.detach()
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.panels = self.packed = None
-        if many == "panels" and self.gemv is not None:
-            self.panels = pack_panels(weight.detach())
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w_t, 16)
+        self.panels, self.packed = many_rows_weights(w_t, many, self.gemv)
         self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the addmm path
 
-    def _small(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
-        """A call of the kernels (the GEMV up to gemv_rows rows, matmul_panels above when it won),
-        or one row (MKL's addmm) without them. act: None, or GELU's `approximate` ("tanh" / "none")."""
+    def _own(self, x: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """A call not for oneDNN (see _is_own): the kernels' GEMV up to gemv_rows rows, matmul_panels
+        above, or one row on MKL's addmm without the kernels. act: None, or GELU's `approximate`."""
         if self.gemv is not None and x.shape[0] > self.gemv_rows:
             return self.gemv.matmul_panels(x.contiguous(), self.panels, self.weight.shape[0], self.bias, residual, _GEMV_ACT[act])
         if self.gemv is not None:
@@ -354,22 +358,22 @@ class F32Conv1D(nn.Module):
             y = gelu(y, act, self.gelu_ops)
         return y if residual is None else residual + y
 
-    def _is_small(self, x: torch.Tensor) -> bool:
-        return x.shape[0] <= (self.gemv_rows if self.gemv is not None else 1)
+    def _is_own(self, x: torch.Tensor) -> bool:
+        return self.panels is not None or x.shape[0] <= (self.gemv_rows if self.gemv is not None else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._is_small(x) or self.panels is not None:
-            return self._small(x, None, None)
+        if self._is_own(x):
+            return self._own(x, None, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
-        if self._is_small(x) or self.panels is not None:
-            return self._small(x, approximate, None)
+        if self._is_own(x):
+            return self._own(x, approximate, None)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self._is_small(x) or self.panels is not None:
-            return self._small(x, None, residual.contiguous())
+        if self._is_own(x):
+            return self._own(x, None, residual.contiguous())
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), self.packed, self.bias, "add")
 
     @staticmethod
@@ -445,13 +449,13 @@ class Int8Conv1D(nn.Module):
         self._packed_amx = self._prepack(q, scale, bias, "onednn") if amx else None
         self.gelu_ops = gemv
         self.gemv = gemv if gemv is not None and q.shape[1] % 128 == 0 else None
-        # fbgemm's packed copy only where the kernels do not take every row count
         self.panels = None
         if self.gemv is not None:
             self.q, self.scale, self.bias = q, scale.float().contiguous(), bias
             self.qsum = q.sum(dim=1, dtype=torch.int32)  # (out,): takes the activations' zero point back out
             if many == "panels":
                 self.panels = pack_int8_panels(q)
+        # fbgemm's packed copy only where the kernels do not take every row count
         self._packed = self._prepack(q, scale, bias, "fbgemm") if self.panels is None else None
 
     def _kernel(self, x: torch.Tensor, act, residual: torch.Tensor | None) -> torch.Tensor | None:
