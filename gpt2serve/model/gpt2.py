@@ -220,9 +220,11 @@ class Bf16Conv1D(nn.Module):
     gemv_tensors = ("weight", "bias_f32")  # what the GEMV reads
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None, many: str = "onednn"):
-        """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear) or "panels"
-        (the kernels' matmul_panels, fp32 FMAs on widened bf16 weights; needs `gemv`); see panels_win."""
+        """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear), "panels"
+        (the kernels' matmul_panels, fp32 FMAs on widened bf16 weights; needs `gemv`; see panels_win)
+        or "amx" (the kernels' matmul_bf16_amx, on CPUs with AMX)."""
         super().__init__()
+        self.many = many
         w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
         self.gemv = gemv if gemv is not None and w.shape[1] % 64 == 0 else None
         self.weight = w if self.gemv is not None else None
@@ -235,7 +237,8 @@ class Bf16Conv1D(nn.Module):
         if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[gelu])
         if self.panels is not None:
-            return self.gemv.matmul_panels(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
+            matmul = self.gemv.matmul_bf16_amx if self.many == "amx" else self.gemv.matmul_panels
+            return matmul(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         if gelu is not None:
@@ -274,11 +277,23 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return w.view(K, P, 32).permute(1, 0, 2).contiguous()
 
 
+def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out) = (K, N) bf16 weight -> the panels matmul_bf16_amx reads (gemv.cpp): (ceil(N / 32),
+    K / 2, 32, 2), each panel 32 output columns (the last zero-padded), each pair of inputs of the
+    32 columns side by side: [p, g, n, j] = w[2g + j, 32p + n], the B operand layout of tdpbf16ps."""
+    K, N = weight.shape
+    P = (N + 31) // 32
+    w = F.pad(weight, (0, P * 32 - N))  # (K, 32P)
+    return w.view(K // 2, 2, P, 32).permute(2, 0, 3, 1).contiguous()
+
+
 def many_rows_weights(w: torch.Tensor, many: str, gemv) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(panels, packed) of an (out, in) bf16 or fp32 weight for calls of more than gemv_rows rows:
-    matmul_panels' panels when many == "panels" and the kernels are there, else oneDNN's reordered
-    weight (the row-count hint 16: no slower at 1 row than the hint 1, faster at 32: 10.9 vs 11.4
-    ms, 30.0 vs 34.6). Only one of the two is made."""
+    the kernels' panels when many is "panels" (matmul_panels) or "amx" (matmul_bf16_amx, bf16 only)
+    and the kernels are there, else oneDNN's reordered weight (the row-count hint 16: no slower at
+    1 row than the hint 1, faster at 32: 10.9 vs 11.4 ms, 30.0 vs 34.6). Only one of them is made."""
+    if many == "amx" and gemv is not None:
+        return pack_amx_bf16(w.t()), None
     if many == "panels" and gemv is not None:
         return pack_panels(w.t()), None
     return None, torch.ops.mkldnn._reorder_linear_weight(w, 16)
@@ -431,17 +446,27 @@ class Int8Conv1D(nn.Module):
     times it against fbgemm once (panels_win) and makes only the winner's copy (`many`); with the
     panels every row count runs the GEMV's arithmetic (AMX's oneDNN calls aside), and int8 keeps
     two int8 copies of the weights (plain and panels), plus oneDNN's with AMX.
+
+    On CPUs with AMX the kernels' matmul_int8_amx runs the same arithmetic on the tiles, over the
+    same panels (`many="amx"`), for 5 to `amx_onednn_rows` - 1 rows; oneDNN takes more. Over the 48
+    block matmuls (2-core AMX machine, ms): 8 rows 2.8 vs the VNNI panels' 3.1 and oneDNN's 5.5, 16
+    rows 4.3 vs 5.6 and 7.6, 32 rows 4.7 vs 8.1 and 9.5, 64 rows 9.2 vs 16.7 and 14.3, 128 rows
+    20.0 vs oneDNN's 20.5, 512 rows 84 vs 71.
     """
 
     onednn_rows = 16
+    amx_onednn_rows = 128  # with matmul_int8_amx (many="amx"), oneDNN from here
     gemv_rows = 4
     matmul_rows = 64  # from here (prompts) matmul_int8; below, matmul_int8_panels (at 64 rows alike, 13.8-14.0 ms)
     gemv_tensors = ("q", "qsum", "scale", "bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels"):
         """many: what runs calls of 5-63 rows with the kernels, "panels" (matmul_int8_panels) or
-        "fbgemm"; see panels_win."""
+        "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX)."""
         super().__init__()
+        self.many = many
+        if many == "amx":
+            self.onednn_rows = self.amx_onednn_rows
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale).to(torch.int8).t().contiguous()  # (out, in), the kernels' layout
@@ -453,16 +478,17 @@ class Int8Conv1D(nn.Module):
         if self.gemv is not None:
             self.q, self.scale, self.bias = q, scale.float().contiguous(), bias
             self.qsum = q.sum(dim=1, dtype=torch.int32)  # (out,): takes the activations' zero point back out
-            if many == "panels":
+            if many in ("panels", "amx"):
                 self.panels = pack_int8_panels(q)
         # fbgemm's packed copy only where the kernels do not take every row count
         self._packed = self._prepack(q, scale, bias, "fbgemm") if self.panels is None else None
 
     def _kernel(self, x: torch.Tensor, act, residual: torch.Tensor | None) -> torch.Tensor | None:
         """The kernels' int8 product with GELU / the residual fused, or None where fbgemm / oneDNN
-        take these rows: the GEMV up to `gemv_rows`, matmul_int8_panels below `matmul_rows`,
-        matmul_int8 (torch._int_mm between the GEMV's quantisation and epilogue) from there; with AMX,
-        oneDNN from `onednn_rows`. All three kernels compute a row as the GEMV does, to the bit."""
+        take these rows: the GEMV up to `gemv_rows`, then matmul_int8_amx where many == "amx", else
+        matmul_int8_panels below `matmul_rows` and matmul_int8 (torch._int_mm between the GEMV's
+        quantisation and epilogue) from there; with AMX, oneDNN from `onednn_rows`. Every kernel
+        computes a row as the GEMV does, to the bit."""
         rows = x.shape[0]
         if self.gemv is None or (self._packed_amx is not None and rows >= self.onednn_rows):
             return None
@@ -471,6 +497,8 @@ class Int8Conv1D(nn.Module):
         a = _GEMV_ACT[act]
         if rows <= self.gemv_rows:
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
+        if self.many == "amx":
+            return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         if rows >= self.matmul_rows:
             return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
         if self.panels is not None:
@@ -768,8 +796,10 @@ class GPT2LMHeadModel(nn.Module):
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
-            # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
-            many = self._choose_many(lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
+            if self._amx_kernels(gemv):
+                many = "amx"
+            else:  # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
+                many = self._choose_many(lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
@@ -777,7 +807,10 @@ class GPT2LMHeadModel(nn.Module):
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
-            many = self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
+            if self._amx_kernels(gemv):
+                many = "amx"
+            else:
+                many = self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
             many = self._choose_many(lambda w, m: F32Conv1D(w, None, gemv=gemv, many=m), gemv)
@@ -793,6 +826,17 @@ class GPT2LMHeadModel(nn.Module):
         self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self
+
+    def _amx_kernels(self, gemv) -> bool:
+        """Whether the projections' calls of > 4 rows run the kernels' AMX matmuls (int8 and bf16):
+        wherever the CPU has AMX and Linux lets us use it. No timing at load, unlike panels_win: both
+        sides use the same tiles, and the kernels' are bound by streaming the weights at decode
+        sizes, where oneDNN's were 1.4-2x slower (Int8Conv1D, Bf16Conv1D)."""
+        if gemv is None or not hasattr(gemv, "amx_available") or not gemv.amx_available():
+            return False
+        self.many_rows = "amx"
+        log.info("matmuls of > 4 rows: the kernels' AMX tiles")
+        return True
 
     def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32) -> str:
         """What runs the projections' calls of > 4 rows (int8: 5-63): "panels" (the kernels' panel

@@ -63,6 +63,15 @@ def _check(kernel, ref: Conv1D, dtype: torch.dtype, tol: float) -> None:
             assert torch.equal(r, r0), "forward_add must not write into the residual"
 
 
+def _need_amx(many: str = "amx") -> None:
+    """Skips (saying why) a case of the AMX kernels on a CPU or kernel without AMX; there
+    test_amx_kernels_refuse_without_amx checks that they say so."""
+    if many == "amx":
+        ops = kernels.gemv()
+        if ops is None or not ops.amx_available():
+            pytest.skip("this CPU (or its kernel) offers no AMX: the AMX kernels are not used here")
+
+
 GEMV = pytest.param(True, marks=pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the GEMV kernels are not used here"), id="gemv")
 
 
@@ -86,14 +95,17 @@ def test_gemv_builds_where_supported(tmp_path):
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
-@pytest.mark.parametrize("many", ["onednn", "panels"])
+@pytest.mark.parametrize("many", ["onednn", "panels", "amx"])
 def test_bf16_matches_conv1d(gemv, many):
-    """Both ways of running calls of > gemv_rows rows: oneDNN's bf16 linear, and the kernels'
-    matmul_panels (fp32 FMAs on panel-packed bf16 weights; only with the kernels)."""
+    """Every way of running calls of > gemv_rows rows: oneDNN's bf16 linear, and the kernels'
+    matmul_panels (fp32 FMAs on panel-packed bf16 weights) or matmul_bf16_amx (only with the
+    kernels)."""
+    if gemv:
+        _need_amx(many)
     ref = _conv(128, 384)
     kernel = Bf16Conv1D(ref.weight.to(torch.bfloat16), ref.bias.to(torch.bfloat16), gemv=kernels.gemv() if gemv else None, many=many)
     assert (kernel.gemv is not None) == gemv
-    assert (kernel.panels is not None) == (gemv and many == "panels") and (kernel.packed is None) == (kernel.panels is not None)
+    assert (kernel.panels is not None) == (gemv and many != "onednn") and (kernel.packed is None) == (kernel.panels is not None)
     _check(kernel, ref, torch.bfloat16, 0.02)
 
 
@@ -126,38 +138,48 @@ def test_model_makes_one_copy_for_many_rows(dtype):
     the winner's weights: every projection and the head hold exactly one of the two."""
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     m = _prepared(cfg, dtype, seed=4)
-    assert m.many_rows in (("panels", "fbgemm") if dtype == "int8" else ("panels", "onednn"))
+    ops = kernels.gemv()
+    if ops.amx_available() and dtype != "float32":  # the AMX kernels, on the same panels, untimed
+        assert m.many_rows == "amx"
+    else:
+        assert m.many_rows in (("panels", "fbgemm") if dtype == "int8" else ("panels", "onednn"))
     mods = [mod for mod in m.modules() if isinstance(mod, (Bf16Conv1D, F32Conv1D, Int8Conv1D))]
     assert len(mods) == 4 * 2 + 1
+    ours = m.many_rows in ("panels", "amx")
     for mod in mods:
         rival = mod._packed if dtype == "int8" else mod.packed
-        assert (mod.panels is not None) == (m.many_rows == "panels") and (rival is None) == (m.many_rows == "panels")
+        assert (mod.panels is not None) == ours and (rival is None) == ours
 
 
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["torch", "gemv"])
 @pytest.mark.parametrize("amx", [False, True], ids=["fbgemm", "onednn"])
-@pytest.mark.parametrize("many", ["panels", "fbgemm"])
+@pytest.mark.parametrize("many", ["panels", "fbgemm", "amx"])
 def test_int8_matches_conv1d(amx, gemv, many):
     # amx=True packs for oneDNN too; oneDNN runs its int8 kernels on any x86 CPU, AMX or not, so
     # both paths are exercised everywhere (rows >= onednn_rows take oneDNN); many: what takes 5-63
-    # rows with the kernels
+    # rows with the kernels (5-127 for the AMX kernel)
+    if gemv:
+        _need_amx(many)
     ref = _conv(128, 384)
     kernel = Int8Conv1D(ref.weight, ref.bias, amx=amx, gemv=kernels.gemv() if gemv else None, many=many)
     assert (kernel._packed_amx is not None) == amx
     assert (kernel.gemv is not None) == gemv
-    assert (kernel.panels is not None) == (gemv and many == "panels") and (kernel._packed is None) == (kernel.panels is not None)
+    assert (kernel.panels is not None) == (gemv and many != "fbgemm") and (kernel._packed is None) == (kernel.panels is not None)
     _check(kernel, ref, torch.float32, 0.03)
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-@pytest.mark.parametrize("rows", [13, 37, 70], ids=["panels-13", "panels-37", "matmul-70"])
-def test_int8_rows_equal_each_row_alone(rows):
+@pytest.mark.parametrize("rows,many", [(13, "panels"), (37, "panels"), (70, "panels"), (13, "amx"), (37, "amx"), (70, "amx")],
+                         ids=["panels-13", "panels-37", "matmul-70", "amx-13", "amx-37", "amx-70"])
+def test_int8_rows_equal_each_row_alone(rows, many):
     """With the kernels every int8 call computes a row as the GEMV does: matmul_int8_panels (5 to
-    63 rows) and matmul_int8 (from Int8Conv1D.matmul_rows) quantise each row on its own and finish
-    it with the GEMV's epilogue, so every row of a batch equals, to the bit, that row run alone on
-    the GEMV, whatever the other rows hold (fbgemm, one scale for the whole batch, would not)."""
+    63 rows), matmul_int8 (from Int8Conv1D.matmul_rows) and matmul_int8_amx (many="amx") quantise
+    each row on its own and finish it with the GEMV's epilogue, so every row of a batch equals, to
+    the bit, that row run alone on the GEMV, whatever the other rows hold (fbgemm, one scale for
+    the whole batch, would not)."""
+    _need_amx(many)
     ref = _conv(128, 368)  # 368 columns: the last 32-column panel half padding
-    kernel = Int8Conv1D(ref.weight, ref.bias, gemv=kernels.gemv())
+    kernel = Int8Conv1D(ref.weight, ref.bias, gemv=kernels.gemv(), many=many)
     assert kernel._packed is None  # no fbgemm copy where the kernels take every row count
     g = torch.Generator().manual_seed(3)
     x = torch.randn(rows, 128, generator=g)
@@ -172,6 +194,56 @@ def test_int8_rows_equal_each_row_alone(rows):
     ops = kernels.gemv()
     with pytest.raises(RuntimeError, match="multiple of 16"):
         ops.matmul_int8(torch.zeros(2, 40), torch.zeros(8, 40, dtype=torch.int8), torch.ones(8), None, None, 0)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("m", [5, 16, 17, 33, 130])
+def test_amx_kernels_match_their_references(m):
+    """matmul_int8_amx computes what matmul_int8 does (the GEMV's arithmetic), to the bit;
+    matmul_bf16_amx the fp32 product of the bf16 operands, to fp32 rounding of its sums. Rows that
+    are not a multiple of the tiles' 16, columns that are not a multiple of the panels' 32, every
+    epilogue (bias, GELU tanh / exact, the residual)."""
+    from gpt2serve.model.gpt2 import pack_amx_bf16, pack_int8_panels
+
+    _need_amx()
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(m)
+    K, N = 256, 300  # the int8 kernels take K in multiples of 128
+    w8 = Int8Conv1D(torch.randn(K, N, generator=g) * 0.05, torch.randn(N, generator=g), gemv=ops, many="amx")
+    wb = (torch.randn(K, N, generator=g) * 0.05).bfloat16()
+    bias = torch.randn(N, generator=g)
+    x = torch.randn(m, K, generator=g)
+    x[m // 2] *= 40  # an outlier row
+    res = torch.randn(m, N, generator=g)
+    xb, rb = x.bfloat16(), res.bfloat16()
+    for act, r in ((0, None), (1, None), (2, None), (0, res)):
+        got = ops.matmul_int8_amx(x, w8.panels, w8.qsum, w8.scale, w8.bias, r, act)
+        assert torch.equal(got, ops.matmul_int8(x, w8.q, w8.scale, w8.bias, r, act)), act
+        ref = xb.float() @ wb.float() + bias
+        ref = F.gelu(ref, approximate="tanh") if act == 1 else F.gelu(ref) if act == 2 else ref
+        ref = ref if r is None else ref + rb.float()
+        y = ops.matmul_bf16_amx(xb, pack_amx_bf16(wb), N, bias, None if r is None else rb, act)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, N)
+        assert _rel(y, ref) < 8e-3, act  # the output's bf16 rounding
+    assert pack_int8_panels(w8.q).data_ptr() != w8.panels.data_ptr() and torch.equal(pack_int8_panels(w8.q), w8.panels)
+    with pytest.raises(RuntimeError, match="N does not match"):
+        ops.matmul_bf16_amx(xb, pack_amx_bf16(wb), N + 32, None, None, 0)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.matmul_int8_amx(torch.zeros(2, 32), torch.zeros(1, 8, 32, 4, dtype=torch.int8), torch.zeros(32, dtype=torch.int32),
+                            torch.ones(32), None, None, 0)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+def test_amx_kernels_refuse_without_amx():
+    """Where the CPU (or the OS) offers no AMX, the AMX kernels say so instead of faulting, and the
+    model does not choose them."""
+    ops = kernels.gemv()
+    if ops.amx_available():
+        pytest.skip("this CPU has AMX: test_amx_kernels_match_their_references covers the kernels")
+    with pytest.raises(RuntimeError, match="no AMX"):
+        ops.matmul_bf16_amx(torch.zeros(16, 32, dtype=torch.bfloat16), torch.zeros(1, 16, 32, 2, dtype=torch.bfloat16), 32, None, None, 0)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=128, n_positions=32, vocab_size=100)
+    assert _prepared(cfg, "int8", seed=0).many_rows != "amx"
 
 
 @pytest.mark.skipif(not F32Conv1D.supported(torch.float32, torch.device("cpu")), reason="torch built without oneDNN")
