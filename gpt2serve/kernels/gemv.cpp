@@ -35,6 +35,9 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;
+// the projection modules' row counts (gpt2.py): the GEMV up to gemv_rows = 4, int8's matmul_int8
+// from matmul_rows = 64 (decode_layers computes as the modules do)
+constexpr int64_t kGemvRows = 4, kInt8MatmulRows = 64;
 // bytes ahead of the current read, within the same weight stream, into L2 (_MM_HINT_T1): on the
 // Zen 4 machine the 49 one-row GEMVs of a step took 7.6 -> 6.8 ms bf16 and 4.9 -> 4.2 ms int8 against
 // 4096 bytes into L1 (T0), whose few fill buffers these many streams' prefetches overrun
@@ -859,53 +862,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv) {
 
 // ------------------------------------------------------------------------- decode layers
 
-// Every transformer block of a decode step of 1-4 sequences, in one call: at batch 1 the blocks'
-// ~15 torch ops each cost more in Python and dispatch (~1.5 ms a step for 12 layers, measured with
-// the matmuls shrunk to nothing) than int8's weights take to stream. The ops are the ones the
-// Python blocks run (gpt2.py: Block, CausalSelfAttention, MLP and the projection modules), in the
-// same order on the same inputs, so the result is the same to the bit.
-// params: per layer, 20 tensors: ln_1 weight, bias, ln_2 weight, bias, then 4 per projection
-// (c_attn, attn.c_proj, c_fc, mlp.c_proj):
-//   mode 0 (int8): q (out, in) int8, row sums int32, scales fp32, bias fp32 (or empty)
-//   mode 1 (bf16): w (out, in) bf16, bias fp32 (or empty), -, -
-//   mode 2 (fp32): w (out, in) fp32, bias fp32 (or empty), -, -
-// kv: (n_layer, S, 2, H, D); slot_mapping (B,), slots (B, L), lens (B,) as for decode_attention.
-// act: 1 = GELU tanh (gelu_new), 2 = exact GELU. Returns the hidden state before ln_f.
-at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const at::Tensor& kv,
-                         const at::Tensor& slot_mapping, const at::Tensor& slots, const at::Tensor& lens,
-                         int64_t mode, double eps, int64_t n_head, int64_t act) {
-  constexpr int64_t kPer = 20;
-  const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
-  TORCH_CHECK(mode >= 0 && mode <= 2, "decode_layers: mode is 0 (int8), 1 (bf16) or 2 (fp32)");
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == kPer * n_layer, "decode_layers: 20 tensors per layer");
-  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
-  TORCH_CHECK(B >= 1 && B <= kMaxRows && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
-  auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  // one projection: y = act(x W + b) (+ residual), as the module of that mode computes it
-  auto proj = [&](const at::Tensor* p, const at::Tensor& x, int64_t a, const at::Tensor* residual) -> at::Tensor {
-    const c10::optional<at::Tensor> res = residual ? c10::optional<at::Tensor>(residual->contiguous()) : c10::nullopt;
-    if (mode == 0) return gemv_int8(x.to(at::kFloat).contiguous(), p[0], p[1], p[2], opt(p[3]), res, a);
-    if (mode == 1) return gemv_float<at::BFloat16>(x.contiguous(), p[0], opt(p[1]), res, a);
-    return gemv_float<float>(x.contiguous(), p[0], opt(p[1]), res, a);
-  };
-  // the step's slots and lengths are the same for every layer: checked once
-  check_paged(B, H, D, kv.select(0, 0), slots, lens);
-  at::Tensor x = x_in;
-  for (int64_t i = 0; i < n_layer; ++i) {
-    const at::Tensor* p = params.data() + i * kPer;
-    at::Tensor kv_l = kv.select(0, i);  // (S, 2, H, D), contiguous
-    at::Tensor h = at::layer_norm(x, {C}, p[0], p[1], eps);
-    at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
-    at::Tensor q = qkv.narrow(1, 0, C).view({B, H, D});
-    kv_l.index_copy_(0, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}).to(kv.scalar_type()));
-    at::Tensor o = decode_attention_unchecked(q, kv_l, slots, lens);  // (B, H, D)
-    x = proj(p + 8, o.reshape({B, C}), 0, &x);
-    h = at::layer_norm(x, {C}, p[2], p[3], eps);
-    x = proj(p + 16, proj(p + 12, h, act, nullptr), 0, &x);
-  }
-  return x;
-}
-
 // ------------------------------------------------------------------------------------------ AMX
 // Projections of 5+ rows on CPUs with AMX (Sapphire Rapids and later): the tiles' dot products
 // (tdpbusd: u8 x s8 -> int32; tdpbf16ps: bf16 pairs -> fp32) over the same panels of 32 output
@@ -1081,6 +1037,68 @@ at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, 
   return y;
 }
 
+// Every transformer block of a decode step in one call: at batch 1 the blocks' ~15 torch ops each
+// cost more in Python and dispatch (~1.5 ms a step for 12 layers, measured with the matmuls shrunk
+// to nothing) than int8's weights take to stream. The ops are the ones the Python blocks run
+// (gpt2.py: Block, CausalSelfAttention, MLP and the projection modules), in the same order on the
+// same inputs, so the result is the same to the bit. Up to 4 sequences run on the GEMV; more (up
+// to kMaxRows, or any number with `many`) on the projections' many-row kernel: many = 1, the
+// panels (matmul_int8_panels / matmul_int8 for int8, matmul_panels for bf16 and fp32), 2, the AMX
+// tiles (matmul_int8_amx, matmul_bf16_amx).
+// params: per layer, 24 tensors: ln_1 weight, bias, ln_2 weight, bias, then 5 per projection
+// (c_attn, attn.c_proj, c_fc, mlp.c_proj):
+//   mode 0 (int8): q (out, in) int8, row sums int32, scales fp32, bias fp32 (or empty), panels
+//   mode 1 (bf16): w (out, in) bf16, bias fp32 (or empty), -, -, panels
+//   mode 2 (fp32): w (out, in) fp32, bias fp32 (or empty), -, -, panels
+// (panels empty without `many`)
+// kv: (n_layer, S, 2, H, D); slot_mapping (B,), slots (B, L), lens (B,) as for decode_attention.
+// act: 1 = GELU tanh (gelu_new), 2 = exact GELU. Returns the hidden state before ln_f.
+at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const at::Tensor& kv,
+                         const at::Tensor& slot_mapping, const at::Tensor& slots, const at::Tensor& lens,
+                         int64_t mode, double eps, int64_t n_head, int64_t act, int64_t many) {
+  constexpr int64_t kPer = 24;
+  const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
+  TORCH_CHECK(mode >= 0 && mode <= 2, "decode_layers: mode is 0 (int8), 1 (bf16) or 2 (fp32)");
+  TORCH_CHECK(many >= 0 && many <= 2 && !(many == 2 && mode == 2), "decode_layers: many is 0 (none), 1 (panels) or 2 (AMX; int8, bf16)");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == kPer * n_layer, "decode_layers: 24 tensors per layer");
+  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
+  TORCH_CHECK(B >= 1 && (B <= kMaxRows || many) && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
+  auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  // one projection: y = act(x W + b) (+ residual), as the module of that mode computes it: the GEMV
+  // up to kGemvRows rows, above them the many-row kernel whose weights are p[4]
+  auto proj = [&](const at::Tensor* p, const at::Tensor& x, int64_t a, const at::Tensor* residual) -> at::Tensor {
+    const c10::optional<at::Tensor> res = residual ? c10::optional<at::Tensor>(residual->contiguous()) : c10::nullopt;
+    const bool gemv = B <= kGemvRows || !many;
+    if (mode == 0) {
+      const at::Tensor xf = x.to(at::kFloat).contiguous();
+      if (gemv) return gemv_int8(xf, p[0], p[1], p[2], opt(p[3]), res, a);
+      if (many == 2) return matmul_int8_amx(xf, p[4], p[1], p[2], opt(p[3]), res, a);
+      if (B >= kInt8MatmulRows) return matmul_int8(xf, p[0], p[2], opt(p[3]), res, a);
+      return matmul_int8_panels(xf, p[4], p[1], p[2], opt(p[3]), res, a);
+    }
+    if (!gemv && many == 2) return matmul_bf16_amx(x.contiguous(), p[4], p[0].size(0), opt(p[1]), res, a);
+    if (!gemv) return matmul_panels(x.contiguous(), p[4], p[0].size(0), opt(p[1]), res, a);
+    if (mode == 1) return gemv_float<at::BFloat16>(x.contiguous(), p[0], opt(p[1]), res, a);
+    return gemv_float<float>(x.contiguous(), p[0], opt(p[1]), res, a);
+  };
+  // the step's slots and lengths are the same for every layer: checked once
+  check_paged(B, H, D, kv.select(0, 0), slots, lens);
+  at::Tensor x = x_in;
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const at::Tensor* p = params.data() + i * kPer;
+    at::Tensor kv_l = kv.select(0, i);  // (S, 2, H, D), contiguous
+    at::Tensor h = at::layer_norm(x, {C}, p[0], p[1], eps);
+    at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
+    at::Tensor q = qkv.narrow(1, 0, C).view({B, H, D});
+    kv_l.index_copy_(0, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}).to(kv.scalar_type()));
+    at::Tensor o = decode_attention_unchecked(q, kv_l, slots, lens);  // (B, H, D)
+    x = proj(p + 9, o.reshape({B, C}), 0, &x);
+    h = at::layer_norm(x, {C}, p[2], p[3], eps);
+    x = proj(p + 19, proj(p + 14, h, act, nullptr), 0, &x);
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt2serve, m) {
@@ -1097,7 +1115,7 @@ TORCH_LIBRARY(gpt2serve, m) {
   m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor kv) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] params, Tensor(a!) kv, Tensor slot_mapping, Tensor slots, Tensor lens, "
-        "int mode, float eps, int n_head, int act) -> Tensor");
+        "int mode, float eps, int n_head, int act, int many) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {

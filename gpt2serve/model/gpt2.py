@@ -353,6 +353,7 @@ class F32Conv1D(nn.Module):
         """many: what runs calls of more than gemv_rows rows: "onednn" (its packed linear) or "panels"
         (the kernels' matmul_panels; needs `gemv`); see panels_win."""
         super().__init__()
+        self.many = many
         w_t = weight.detach().t().contiguous()  # (out, in); no copy when `weight` is a transposed view (the head's wte)
         self.gemv = gemv if gemv is not None and w_t.shape[1] % 32 == 0 else None
         # the small calls' plain weight: (out, in) for the GEMV, else the checkpoint's (in, out) for addmm
@@ -685,23 +686,32 @@ class DecodeLayers:
     cost ~1.5 ms a step for 12 layers, about what int8's weights take to stream.
 
     Built by prepare_for_serving when every projection of the blocks has the kernel's layout:
-    int8 (Int8Conv1D), bf16 (Bf16Conv1D) or fp32 (F32Conv1D), each with its GEMV."""
+    int8 (Int8Conv1D), bf16 (Bf16Conv1D) or fp32 (F32Conv1D), each with its GEMV. Where the
+    projections' calls of > 4 rows run the kernels too (their panels, VNNI or AMX: `many`), larger
+    decode steps go through it as well, up to where int8 would hand the rows to oneDNN."""
 
     def __init__(self, ops, blocks, mode: int, act: int, eps: float, n_head: int):
         empty = torch.empty(0)
         self.ops, self.mode, self.act, self.eps, self.n_head = ops, mode, act, eps, n_head
-        # the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570 vs 480-492 tok/s)
+        first = blocks[0].attn.c_attn
+        # 0: the GEMV only; 1: the panels; 2: the AMX tiles (the choice is the model's, one for all)
+        self.many = 0 if first.panels is None else 2 if first.many == "amx" else 1
+        # without `many`, the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570
+        # vs 480-492 tok/s); with it any decode step, except where int8 has oneDNN take many rows
         self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
+        if self.many:
+            self.max_rows = first.onednn_rows - 1 if mode == 0 and first._packed_amx is not None else 1 << 30
         self.params: list[torch.Tensor] = []
         for b in blocks:
             self.params += [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
             for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
+                panels = m.panels if self.many else empty
                 if mode == 0:
-                    self.params += [m.q, m.qsum, m.scale, m.bias if m.bias is not None else empty]
+                    self.params += [m.q, m.qsum, m.scale, m.bias if m.bias is not None else empty, panels]
                 elif mode == 1:
-                    self.params += [m.weight, m.bias_f32 if m.bias_f32 is not None else empty, empty, empty]
+                    self.params += [m.weight, m.bias_f32 if m.bias_f32 is not None else empty, empty, empty, panels]
                 else:
-                    self.params += [m.weight, m.bias if m.bias is not None else empty, empty, empty]
+                    self.params += [m.weight, m.bias if m.bias is not None else empty, empty, empty, panels]
 
     @classmethod
     def build(cls, model: "GPT2LMHeadModel", ops) -> "DecodeLayers | None":
@@ -722,7 +732,7 @@ class DecodeLayers:
 
     def __call__(self, x: torch.Tensor, cache: "KVCache", meta: AttentionMetadata) -> torch.Tensor:
         return self.ops.decode_layers(x, self.params, cache.kv, meta.slot_mapping, meta.decode_gather,
-                                      meta.decode_lens, self.mode, self.eps, self.n_head, self.act)
+                                      meta.decode_lens, self.mode, self.eps, self.n_head, self.act, self.many)
 
 
 class GPT2LMHeadModel(nn.Module):

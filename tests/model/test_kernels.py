@@ -334,24 +334,35 @@ def test_gelu_tanh_matches_torch():
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-@pytest.mark.parametrize("dtype,batch", [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4)])
-# up to 4 rows (DecodeLayers.max_rows)
-def test_decode_layers_equals_the_python_blocks(dtype, batch):
+@pytest.mark.parametrize("dtype,batch", [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)])
+@pytest.mark.parametrize("many", ["onednn", "panels"])
+def test_decode_layers_equals_the_python_blocks(dtype, batch, many, monkeypatch):
     """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
-    cache writes to the bit (the same ops in the same order), at uneven context lengths."""
+    cache writes to the bit (the same ops in the same order), at uneven context lengths: up to 4
+    rows on the GEMV; more on the model's many-row kernels (the panels, or the AMX tiles where the
+    CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
+    what the load-time choice, panels_win, is made to return)."""
     if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
+    rival = "fbgemm" if dtype == "int8" else "onednn"
+    monkeypatch.setattr(GPT2LMHeadModel, "_choose_many",
+                        lambda self, *a, **k: setattr(self, "many_rows", rival if many == "onednn" else "panels") or self.many_rows)
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     m = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     m.prepare_for_serving(int8=dtype == "int8")
     fused = m._decode_layers
     assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1, "float32": 2}[dtype]
-    assert fused.max_rows == 4
+    ours = m.many_rows in ("panels", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
+    assert fused.many == (0 if not ours else 2 if m.many_rows == "amx" else 1)
+    assert fused.max_rows == (4 if not ours else Int8Conv1D.amx_onednn_rows - 1 if m.many_rows == "amx" and dtype == "int8" else 1 << 30)
+    if batch > fused.max_rows:
+        assert not ours
+        return  # the Python blocks run these steps: nothing to compare
     g = torch.Generator().manual_seed(1)
-    bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16][:batch]
-    cache = KVCache(cfg, 16, bs, m.kv_dtype, torch.device("cpu"))
+    bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16, 3, 21, 11, 28, 7, 1, 19, 25, 13, 32, 2, 8][:batch]
+    cache = KVCache(cfg, 2 * batch, bs, m.kv_dtype, torch.device("cpu"))
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(cache.kv.dtype))  # contexts already cached
-    blocks = torch.randperm(16, generator=g)[: 2 * batch].view(batch, 2)  # 2 scattered blocks per sequence
+    blocks = torch.randperm(2 * batch, generator=g).view(batch, 2)  # 2 scattered blocks per sequence
     pos = torch.tensor(lens) - 1  # each sequence's new token is the last of its context
     gather = torch.stack([blk[torch.arange(32) // bs] * bs + torch.arange(32) % bs for blk in blocks])  # (B, 32)
     meta = AttentionMetadata(num_decode=batch, slot_mapping=gather[torch.arange(batch), pos].contiguous(),
