@@ -952,8 +952,9 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void amx_block(cons
   }
 }
 
-// Every row block of x against panels [p0, p1), each block's sums finished by finish(m, n, nb,
-// sums of 16 columns) for its M real rows. Runs on one thread: loads the tile configuration first
+// Every row block of x against panels [p0, p1), each block's sums finished by finish(m0, rows, n,
+// nb, sums) per 16 columns (row r's at sums + 32 r) for its real rows: a finisher loads what
+// belongs to the columns (scales, zero points) once for all its rows. Runs on one thread: loads the tile configuration first
 // (oneDNN's AMX kernels load their own) and releases the tiles after.
 template <bool Int8, typename Finish>
 __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_panels(const void* x, int64_t M, int64_t K, const void* w,
@@ -971,8 +972,7 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_panels(const void
       for (int h = 0; h < 2; ++h) {
         const int64_t n = p * 32 + 16 * h;
         if (n >= N) break;  // the last panel's zero padding
-        const int64_t nb = std::min<int64_t>(16, N - n);
-        for (int64_t r = 0; r < mb; ++r) finish(m0 + r, n, nb, c + r * 32 + 16 * h);
+        finish(m0, mb, n, std::min<int64_t>(16, N - n), c + 16 * h);
       }
     }
   }
@@ -998,10 +998,15 @@ at::Tensor matmul_int8_amx(const at::Tensor& x, const at::Tensor& w, const at::T
   at::Tensor y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
-    amx_panels<true>(a.xq.data(), M, K, w.data_ptr<int8_t>(), p0, p1, N, [&](int64_t m, int64_t n, int64_t nb, const int32_t* s) {
+    amx_panels<true>(a.xq.data(), M, K, w.data_ptr<int8_t>(), p0, p1, N,
+                     [&](int64_t m0, int64_t rows, int64_t n, int64_t nb, const int32_t* s) {
       const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
       const __m512i zp = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, a.wsum + n), _mm512_set1_epi32(128));
-      finish_int8_16(yp, N, m, n, nb, _mm512_sub_epi32(_mm512_load_si512(s), zp), a.xs[m], a.wscale, a.bias, a.res, act);
+      const __m512 ws = _mm512_maskz_loadu_ps(k, a.wscale + n);
+      for (int64_t r = 0; r < rows; ++r) {  // finish_int8_16's arithmetic, the columns' part loaded once
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(s + 32 * r), zp));
+        finish16<float>(yp, N, m0 + r, n, nb, _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(a.xs[m0 + r])), ws), a.bias, a.res, act);
+      }
     });
   });
   return y;
@@ -1030,8 +1035,9 @@ at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, 
   const at::BFloat16* rp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
     amx_panels<false>(xp.data_ptr<at::BFloat16>(), M, K, w.data_ptr<at::BFloat16>(), p0, p1, N,
-                      [&](int64_t m, int64_t n, int64_t nb, const int32_t* s) {
-                        finish16<at::BFloat16>(yp, N, m, n, nb, _mm512_load_ps(reinterpret_cast<const float*>(s)), bp, rp, act);
+                      [&](int64_t m0, int64_t rows, int64_t n, int64_t nb, const int32_t* s) {
+                        for (int64_t r = 0; r < rows; ++r)
+                          finish16<at::BFloat16>(yp, N, m0 + r, n, nb, _mm512_load_ps(reinterpret_cast<const float*>(s + 32 * r)), bp, rp, act);
                       });
   });
   return y;
