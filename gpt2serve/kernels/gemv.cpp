@@ -329,20 +329,30 @@ void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t
   }
 }
 
+// The arguments of the int8 panel kernels (matmul_int8_panels, matmul_int8_amx): x (M, K) fp32 with K a
+// multiple of k_multiple, the panels of the GEMV's (N, K) weights, wsum / wscale (N,). Returns N.
+int64_t check_int8_panels(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum,
+                          const at::Tensor& wscale, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& residual, int64_t act, int64_t k_multiple) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && x.size(1) == 4 * w.size(1) && x.size(0) >= 1,
+              name, ": x (M, K) and w (ceil(N/32), K/4, 32, 4) expected");
+  TORCH_CHECK(x.size(1) % k_multiple == 0, name, ": K must be a multiple of ", k_multiple);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.scalar_type() == at::kChar && w.is_contiguous(),
+              name, ": contiguous fp32 x, int8 w");
+  const int64_t N = wsum.numel();
+  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), name, ": N does not match the panels");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
+              wscale.numel() == N, name, ": int32 wsum, fp32 wscale (N,)");
+  check_epilogue(name, x.size(0), N, bias, residual, at::kFloat, act);
+  return N;
+}
+
 // x: (M, K) fp32; w: (ceil(N / 32), K / 4, 32, 4) int8 panels (pack_int8_panels in gpt2.py) of the
 // GEMV's (N, K) weights, wsum / wscale their row sums and scales (N,); returns y (M, N) fp32
 at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& wscale,
                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && x.size(1) == 4 * w.size(1) && x.size(0) >= 1,
-              "matmul_int8_panels: x (M, K) and w (ceil(N/32), K/4, 32, 4) expected");
-  TORCH_CHECK(x.size(1) % 16 == 0, "matmul_int8_panels: K must be a multiple of 16");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "matmul_int8_panels: contiguous fp32 x, int8 w");
-  const int64_t M = x.size(0), K = x.size(1), N = wsum.numel();
-  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_int8_panels: N does not match the panels");
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
-              wscale.numel() == N, "matmul_int8_panels: int32 wsum, fp32 wscale (N,)");
-  check_epilogue("matmul_int8_panels", M, N, bias, residual, at::kFloat, act);
+  const int64_t N = check_int8_panels("matmul_int8_panels", x, w, wsum, wscale, bias, residual, act, 16);
+  const int64_t M = x.size(0), K = x.size(1);
   const Int8Args a(x, wsum, wscale, bias, residual);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -905,6 +915,14 @@ bool amx_available() { return amx_ready(); }
 
 // The sums of rows [m0, m0 + 16 * MB) of x (Mp, K) against one panel, into c (16 * MB, 32): int8
 // x is u8 (q + 128) and the panel (K / 4, 32, 4) s8; bf16 x and the panel (K / 2, 32, 2) bf16.
+// tile C += tile A . tile B: u8 x s8 (int8) or bf16 pairs. A macro: GCC's tile intrinsics paste the
+// tile numbers into their assembly as written, so they cannot be template parameters.
+#define GPT2SERVE_TILE_DOT(INT8, C, A, B) \
+  do {                                    \
+    if (INT8) _tile_dpbusd(C, A, B);      \
+    else _tile_dpbf16ps(C, A, B);         \
+  } while (0)
+
 template <bool Int8, int MB>
 __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void amx_block(const void* xv, int64_t K, const void* pv,
                                                                           int64_t m0, void* c) {
@@ -925,22 +943,12 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void amx_block(cons
     _tile_loadd(6, b, 128);
     _tile_loadd(7, b + 64, 128);
     _tile_loadd(4, x + k * kEl, xs);
-    if (Int8) {
-      _tile_dpbusd(0, 4, 6);
-      _tile_dpbusd(1, 4, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-    }
+    GPT2SERVE_TILE_DOT(Int8, 0, 4, 6);
+    GPT2SERVE_TILE_DOT(Int8, 1, 4, 7);
     if (MB == 2) {
       _tile_loadd(5, x + 16 * xs + k * kEl, xs);
-      if (Int8) {
-        _tile_dpbusd(2, 5, 6);
-        _tile_dpbusd(3, 5, 7);
-      } else {
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      GPT2SERVE_TILE_DOT(Int8, 2, 5, 6);
+      GPT2SERVE_TILE_DOT(Int8, 3, 5, 7);
     }
   }
   char* cc = static_cast<char*>(c);
@@ -984,16 +992,8 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_panels(const void
 at::Tensor matmul_int8_amx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& wscale,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t act) {
   TORCH_CHECK(amx_ready(), "matmul_int8_amx: this CPU or kernel offers no AMX");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && x.size(1) == 4 * w.size(1) && x.size(0) >= 1,
-              "matmul_int8_amx: x (M, K) and w (ceil(N/32), K/4, 32, 4) expected");
-  TORCH_CHECK(x.size(1) % 64 == 0, "matmul_int8_amx: K must be a multiple of 64");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "matmul_int8_amx: contiguous fp32 x, int8 w");
-  const int64_t M = x.size(0), K = x.size(1), N = wsum.numel();
-  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_int8_amx: N does not match the panels");
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
-              wscale.numel() == N, "matmul_int8_amx: int32 wsum, fp32 wscale (N,)");
-  check_epilogue("matmul_int8_amx", M, N, bias, residual, at::kFloat, act);
+  const int64_t N = check_int8_panels("matmul_int8_amx", x, w, wsum, wscale, bias, residual, act, 64);
+  const int64_t M = x.size(0), K = x.size(1);
   const Int8Args a(x, wsum, wscale, bias, residual, 16);
   at::Tensor y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
