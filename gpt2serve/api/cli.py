@@ -23,7 +23,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16 | int8"),
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--threads", "threads", int, "torch intra-op threads (default: all cores)"),
-    ("--kernels", "kernels", str, "auto (oneDNN packed bf16, AMX int8 where the CPU has them) | torch (plain torch ops)"),
+    ("--kernels", "kernels", str, "auto (gpt2serve's AVX-512 / AMX kernels where the CPU runs them, else oneDNN and fbgemm) | torch (plain torch ops)"),
     ("--max-num-seqs", "max_num_seqs", int, "running sequences per engine step"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "tokens per engine step (prefill chunks + decodes)"),
     ("--prefill-first-tokens", "prefill_first_tokens", int,

@@ -72,7 +72,7 @@ class EngineConfig:
     # quarter of the machine's memory. The cache is allocated once and never grows past it.
     kv_cache_memory: int | None = None
     threads: int | None = None
-    # "auto": the fastest kernels this CPU has (oneDNN packed bf16, AMX int8); "torch": plain torch
+    # "auto": the fastest kernels this CPU has (gpt2serve/kernels' AVX-512 and AMX ones, oneDNN, fbgemm); "torch": plain torch
     # ops only (to measure what the kernels buy, or to rule them out)
     kernels: str = "auto"
 
