@@ -449,14 +449,13 @@ class Int8Conv1D(nn.Module):
     two int8 copies of the weights (plain and panels), plus oneDNN's with AMX.
 
     On CPUs with AMX the kernels' matmul_int8_amx runs the same arithmetic on the tiles, over the
-    same panels (`many="amx"`), for 5 to `amx_onednn_rows` - 1 rows; oneDNN takes more. Over the 48
-    block matmuls (2-core AMX machine, ms): 8 rows 2.8 vs the VNNI panels' 3.1 and oneDNN's 5.5, 16
-    rows 4.3 vs 5.6 and 7.6, 32 rows 4.7 vs 8.1 and 9.5, 64 rows 9.2 vs 16.7 and 14.3, 128 rows
-    20.0 vs oneDNN's 20.5, 512 rows 84 vs 71.
+    same panels (`many="amx"`), for every call of 5 rows or more, and oneDNN's copy is not made. Over
+    the 48 block matmuls (2-core AMX machine, ms): 8 rows 2.8 vs the VNNI panels' 3.1 and oneDNN's
+    5.5, 16 rows 4.3 vs 5.6 and 7.6, 32 rows 4.7 vs 8.1 and 9.5, 64 rows 7.4 vs 13.1 and 11.9, 128
+    rows 15.7 vs 26.4 and 17.4, 512 rows 55 vs 103 and 72.
     """
 
     onednn_rows = 16
-    amx_onednn_rows = 128  # with matmul_int8_amx (many="amx"), oneDNN from here
     gemv_rows = 4
     matmul_rows = 64  # from here (prompts) matmul_int8; below, matmul_int8_panels (at 64 rows alike, 13.8-14.0 ms)
     gemv_tensors = ("q", "qsum", "scale", "bias")
@@ -466,13 +465,12 @@ class Int8Conv1D(nn.Module):
         "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX)."""
         super().__init__()
         self.many = many
-        if many == "amx":
-            self.onednn_rows = self.amx_onednn_rows
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale).to(torch.int8).t().contiguous()  # (out, in), the kernels' layout
         bias = None if bias is None else bias.detach().float().clone()
-        self._packed_amx = self._prepack(q, scale, bias, "onednn") if amx else None
+        # oneDNN's AMX copy, for many rows, unless the kernels' AMX matmul takes them
+        self._packed_amx = self._prepack(q, scale, bias, "onednn") if amx and many != "amx" else None
         self.gelu_ops = gemv
         self.gemv = gemv if gemv is not None and q.shape[1] % 128 == 0 else None
         self.panels = None
