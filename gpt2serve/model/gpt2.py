@@ -486,7 +486,8 @@ class Int8Conv1D(nn.Module):
         """The kernels' int8 product with GELU / the residual fused, or None where fbgemm / oneDNN
         take these rows: the GEMV up to `gemv_rows`, then matmul_int8_amx where many == "amx", else
         matmul_int8_panels below `matmul_rows` and matmul_int8 (torch._int_mm between the GEMV's
-        quantisation and epilogue) from there; with AMX, oneDNN from `onednn_rows`. Every kernel
+        quantisation and epilogue) from there, with oneDNN's AMX copy (AMX but not the AMX kernel)
+        oneDNN from `onednn_rows`. Every kernel
         computes a row as the GEMV does, to the bit."""
         rows = x.shape[0]
         if self.gemv is None or (self._packed_amx is not None and rows >= self.onednn_rows):
