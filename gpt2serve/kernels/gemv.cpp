@@ -143,11 +143,22 @@ inline void flush16(const float (&v)[M][16], Out* y, int64_t N, int64_t n, int64
 }
 
 // The int8 kernels' finish of 16 outputs of row m: exact int32 dot products (the activations' zero
-// point already out) to fp32, times the row's and the columns' scales, then finish16.
-inline void finish_int8_16(float* y, int64_t N, int64_t m, int64_t n, int64_t nb, __m512i dot, float xs, const float* wscale,
+// point already out) to fp32, times the row's scale xs and the columns' scales ws (from
+// column_scales16, loaded once by callers that finish many rows), then finish16.
+inline void finish_int8_16(float* y, int64_t N, int64_t m, int64_t n, int64_t nb, __m512i dot, float xs, __m512 ws,
                            const float* bias, const float* res, int64_t act) {
-  const __m512 ws = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nb) - 1), wscale + n);
   finish16<float>(y, N, m, n, nb, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs)), ws), bias, res, act);
+}
+
+// The weights' scales of columns [n, n + nb), nb <= 16.
+inline __m512 column_scales16(const float* wscale, int64_t n, int64_t nb) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nb) - 1), wscale + n);
+}
+
+// 128 times the weights' row sums of columns [n, n + nb): the activations' zero point (u8 = q + 128),
+// to subtract from the VNNI / AMX sums: sum((q + 128) * w) - 128 * sum(w) = sum(q * w).
+inline __m512i zero_points16(const int32_t* wsum, int64_t n, int64_t nb) {
+  return _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << nb) - 1), wsum + n), _mm512_set1_epi32(128));
 }
 
 inline void prefetch2(const void* p) {
@@ -292,7 +303,7 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       for (int64_t n = 0; n < N; n += 16) {
         const int64_t nb = std::min<int64_t>(16, N - n);
         const __m512i dot = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << nb) - 1), ap + m * N + n);
-        finish_int8_16(yp, N, m, n, nb, dot, xs[m], sc, bp, rp, act);
+        finish_int8_16(yp, N, m, n, nb, dot, xs[m], column_scales16(sc, n, nb), bp, rp, act);
       }
   });
   return y;
@@ -327,10 +338,10 @@ void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t
     const int64_t n = n0 + 16 * h;
     if (n >= N) break;  // the last panel's zero padding
     const int64_t nb = std::min<int64_t>(16, N - n);
-    const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
-    const __m512i zp = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, wsum + n), _mm512_set1_epi32(128));
+    const __m512i zp = zero_points16(wsum, n, nb);
+    const __m512 ws = column_scales16(wscale, n, nb);
     for (int r = 0; r < MR; ++r)
-      finish_int8_16(y, N, m0 + r, n, nb, _mm512_sub_epi32(acc[r][h], zp), xs[m0 + r], wscale, bias, res, act);
+      finish_int8_16(y, N, m0 + r, n, nb, _mm512_sub_epi32(acc[r][h], zp), xs[m0 + r], ws, bias, res, act);
   }
 }
 
@@ -916,10 +927,6 @@ bool amx_ready() {
   return ok;
 }
 
-bool amx_available() { return amx_ready(); }
-
-// The sums of rows [m0, m0 + 16 * MB) of x (Mp, K) against one panel, into c (16 * MB, 32): int8
-// x is u8 (q + 128) and the panel (K / 4, 32, 4) s8; bf16 x and the panel (K / 2, 32, 2) bf16.
 // tile C += tile A . tile B: u8 x s8 (int8) or bf16 pairs. A macro: GCC's tile intrinsics paste the
 // tile numbers into their assembly as written, so they cannot be template parameters.
 #define GPT2SERVE_TILE_DOT(INT8, C, A, B) \
@@ -928,6 +935,8 @@ bool amx_available() { return amx_ready(); }
     else _tile_dpbf16ps(C, A, B);         \
   } while (0)
 
+// The sums of rows [m0, m0 + 16 * MB) of x (Mp, K) against one panel, into c (16 * MB, 32): int8
+// x is u8 (q + 128) and the panel (K / 4, 32, 4) s8; bf16 x and the panel (K / 2, 32, 2) bf16.
 template <bool Int8, int MB>
 __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void amx_block(const void* xv, int64_t K, const void* pv,
                                                                           int64_t m0, void* c) {
@@ -967,8 +976,8 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void amx_block(cons
 
 // Every row block of x against panels [p0, p1), each block's sums finished by finish(m0, rows, n,
 // nb, sums) per 16 columns (row r's at sums + 32 r) for its real rows: a finisher loads what
-// belongs to the columns (scales, zero points) once for all its rows. Runs on one thread: loads the tile configuration first
-// (oneDNN's AMX kernels load their own) and releases the tiles after.
+// belongs to the columns (scales, zero points) once for all its rows. Runs on one thread: loads
+// the tile configuration first (oneDNN's AMX kernels load their own) and releases the tiles after.
 template <bool Int8, typename Finish>
 __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_panels(const void* x, int64_t M, int64_t K, const void* w,
                                                                     int64_t p0, int64_t p1, int64_t N, Finish&& finish) {
@@ -1005,13 +1014,11 @@ at::Tensor matmul_int8_amx(const at::Tensor& x, const at::Tensor& w, const at::T
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
     amx_panels<true>(a.xq.data(), M, K, w.data_ptr<int8_t>(), p0, p1, N,
                      [&](int64_t m0, int64_t rows, int64_t n, int64_t nb, const int32_t* s) {
-      const __mmask16 k = static_cast<__mmask16>((1u << nb) - 1);
-      const __m512i zp = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, a.wsum + n), _mm512_set1_epi32(128));
-      const __m512 ws = _mm512_maskz_loadu_ps(k, a.wscale + n);
-      for (int64_t r = 0; r < rows; ++r) {  // finish_int8_16's arithmetic, the columns' part loaded once
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(s + 32 * r), zp));
-        finish16<float>(yp, N, m0 + r, n, nb, _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(a.xs[m0 + r])), ws), a.bias, a.res, act);
-      }
+      const __m512i zp = zero_points16(a.wsum, n, nb);
+      const __m512 ws = column_scales16(a.wscale, n, nb);
+      for (int64_t r = 0; r < rows; ++r)
+        finish_int8_16(yp, N, m0 + r, n, nb, _mm512_sub_epi32(_mm512_load_si512(s + 32 * r), zp), a.xs[m0 + r], ws, a.bias, a.res,
+                       act);
     });
   });
   return y;
@@ -1118,7 +1125,7 @@ TORCH_LIBRARY(gpt2serve, m) {
   m.def("matmul_int8_panels(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_int8_amx(Tensor x, Tensor w, Tensor wsum, Tensor wscale, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_bf16_amx(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
-  m.def("amx_available() -> bool", &amx_available);  // no tensor argument: a catch-all kernel
+  m.def("amx_available() -> bool", &amx_ready);  // no tensor argument: a catch-all kernel
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("matmul_panels(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");

@@ -264,14 +264,21 @@ class Bf16Conv1D(nn.Module):
         )
 
 
+def _pad_to_panels(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """w with its output columns (dimension `dim`) zero-padded to a multiple of 32, and the number
+    of 32-column panels."""
+    P = (w.shape[dim] + 31) // 32
+    pad = [0, 0] * (w.dim() - 1 - dim) + [0, P * 32 - w.shape[dim]]
+    return F.pad(w, pad), P
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """(in, out) = (K, N) weight, bf16 or fp32 -> the panels matmul_panels reads (gemv.cpp):
     (ceil(N / 32), K, 32) in the weight's dtype, each panel 32 output columns (the last zero-padded).
     bf16 rows pair column c with c + 16 in 32 bits, so one 64-byte load widens to two fp32 vectors
     with one instruction each; fp32 rows are the 32 columns in order."""
-    K, N = weight.shape
-    P = (N + 31) // 32
-    w = F.pad(weight, (0, P * 32 - N))  # (K, 32P)
+    K = weight.shape[0]
+    w, P = _pad_to_panels(weight, 1)  # (K, 32P)
     if w.dtype == torch.bfloat16:
         return w.view(K, P, 2, 16).permute(1, 0, 3, 2).contiguous().view(P, K, 32)  # [p, k, 2i + h] = w[k, 32p + 16h + i]
     return w.view(K, P, 32).permute(1, 0, 2).contiguous()
@@ -281,9 +288,8 @@ def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
     """(in, out) = (K, N) bf16 weight -> the panels matmul_bf16_amx reads (gemv.cpp): (ceil(N / 32),
     K / 2, 32, 2), each panel 32 output columns (the last zero-padded), each pair of inputs of the
     32 columns side by side: [p, g, n, j] = w[2g + j, 32p + n], the B operand layout of tdpbf16ps."""
-    K, N = weight.shape
-    P = (N + 31) // 32
-    w = F.pad(weight, (0, P * 32 - N))  # (K, 32P)
+    K = weight.shape[0]
+    w, P = _pad_to_panels(weight, 1)  # (K, 32P)
     return w.view(K // 2, 2, P, 32).permute(2, 0, 3, 1).contiguous()
 
 
@@ -486,9 +492,9 @@ class Int8Conv1D(nn.Module):
         """The kernels' int8 product with GELU / the residual fused, or None where fbgemm / oneDNN
         take these rows: the GEMV up to `gemv_rows`, then matmul_int8_amx where many == "amx", else
         matmul_int8_panels below `matmul_rows` and matmul_int8 (torch._int_mm between the GEMV's
-        quantisation and epilogue) from there, with oneDNN's AMX copy (AMX but not the AMX kernel)
-        oneDNN from `onednn_rows`. Every kernel
-        computes a row as the GEMV does, to the bit."""
+        quantisation and epilogue) from there; where oneDNN's AMX copy was made (AMX, but not the
+        kernels' AMX matmul), oneDNN from `onednn_rows`. Every kernel computes a row as the GEMV
+        does, to the bit."""
         rows = x.shape[0]
         if self.gemv is None or (self._packed_amx is not None and rows >= self.onednn_rows):
             return None
@@ -542,9 +548,8 @@ def pack_int8_panels(q: torch.Tensor) -> torch.Tensor:
     """(out, in) = (N, K) int8 -> the panels matmul_int8_panels reads (gemv.cpp): (ceil(N / 32), K / 4,
     32, 4), each panel 32 output columns (the last zero-padded), each group of 4 inputs one
     128-byte row of 4 bytes per column, the operand layout of vpdpbusd."""
-    N, K = q.shape
-    P = (N + 31) // 32
-    q = F.pad(q, (0, 0, 0, P * 32 - N))  # (32P, K)
+    K = q.shape[1]
+    q, P = _pad_to_panels(q, 0)  # (32P, K)
     return q.view(P, 32, K // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
@@ -805,10 +810,9 @@ class GPT2LMHeadModel(nn.Module):
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
-            if self._amx_kernels(gemv):
-                many = "amx"
-            else:  # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
-                many = self._choose_many(lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
+            # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
+            many = self._amx_kernels(gemv) or self._choose_many(
+                lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
@@ -816,10 +820,7 @@ class GPT2LMHeadModel(nn.Module):
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
-            if self._amx_kernels(gemv):
-                many = "amx"
-            else:
-                many = self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
+            many = self._amx_kernels(gemv) or self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
             many = self._choose_many(lambda w, m: F32Conv1D(w, None, gemv=gemv, many=m), gemv)
@@ -836,16 +837,16 @@ class GPT2LMHeadModel(nn.Module):
         self._decode_layers = DecodeLayers.build(self, gemv)
         return self
 
-    def _amx_kernels(self, gemv) -> bool:
-        """Whether the projections' calls of > 4 rows run the kernels' AMX matmuls (int8 and bf16):
-        wherever the CPU has AMX and Linux lets us use it. No timing at load, unlike panels_win: both
-        sides use the same tiles, and the kernels' are bound by streaming the weights at decode
-        sizes, where oneDNN's were 1.4-2x slower (Int8Conv1D, Bf16Conv1D)."""
+    def _amx_kernels(self, gemv) -> str | None:
+        """"amx" where the projections' calls of > 4 rows run the kernels' AMX matmuls (int8 and
+        bf16): wherever the CPU has AMX and Linux lets us use it; else None. No timing at load,
+        unlike panels_win: both sides use the same tiles, and the kernels' are bound by streaming
+        the weights at decode sizes, where oneDNN's were 1.4-2x slower (Int8Conv1D, Bf16Conv1D)."""
         if gemv is None or not hasattr(gemv, "amx_available") or not gemv.amx_available():
-            return False
+            return None
         self.many_rows = "amx"
         log.info("matmuls of > 4 rows: the kernels' AMX tiles")
-        return True
+        return "amx"
 
     def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32) -> str:
         """What runs the projections' calls of > 4 rows (int8: 5-63): "panels" (the kernels' panel
