@@ -4,7 +4,7 @@
 rows), `matmul_int8_panels` / `matmul_int8` (int8 projections of 5-63 / more rows), `matmul_panels` (bf16
 and fp32 projections of many rows), `matmul_int8_amx` / `matmul_bf16_amx` (the same on AMX tiles, where
 `amx_available()`), `decode_attention` (one query per sequence over
-the paged KV cache, read in place), `prefill_attention` (a prompt chunk's causal attention) and
+the paged KV cache, read in place), `prefill_attention` (a prompt chunk's causal attention, on AMX tiles for a bf16 cache where it can) and
 `decode_layers` (every block of a decode step), or
 None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed
 build); callers then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++

@@ -406,14 +406,18 @@ def test_causal_attention_matches_sdpa(T):
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("qd,kd", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "fp32-q-bf16-kv", "bf16"])
-@pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77)],
-                         ids=["one", "uneven", "long", "continuation", "one-after-context"])
-def test_prefill_attention_matches_sdpa(qd, kd, T, L):
+@pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77), (33, 1024)],
+                         ids=["one", "uneven", "long", "continuation", "one-after-context", "end-of-context"])
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512"])
+def test_prefill_attention_matches_sdpa(qd, kd, T, L, tiles):
     """The kernels' prompt attention: T queries at positions L-T..L-1 (L > T: a continuation chunk
     over its gathered context) equal masked fp32 SDPA, from strided rows as the model passes them
     (q and K/V views of the fused qkv projection), and a key is seen by exactly the queries at or
-    after its position: changing the last key moves no earlier query's output by a bit."""
+    after its position: changing the last key moves no earlier query's output by a bit. With
+    `tiles`, a bf16 cache runs on AMX where the CPU has it (queries and probabilities in bf16, so
+    bf16's tolerance), else on AVX-512 in fp32."""
     ops = kernels.gemv()
+    on_tiles = tiles and kd == torch.bfloat16 and ops.amx_available()
     g = torch.Generator().manual_seed(T * 1000 + L)
     H, D = 3, 64
     qkv = torch.randn(L, 3, H, D, generator=g)
@@ -421,12 +425,12 @@ def test_prefill_attention_matches_sdpa(qd, kd, T, L):
     mask = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]  # (T, L)
     ref = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], kv[:, 0].float().transpose(0, 1)[None],
                                          kv[:, 1].float().transpose(0, 1)[None], attn_mask=mask)[0].transpose(0, 1)
-    out = ops.prefill_attention(q, kv)
+    out = ops.prefill_attention(q, kv, tiles)
     assert out.dtype == qd and out.shape == (T, H, D)
-    assert (out.float() - ref).abs().max().item() < (1e-5 if qd == torch.float32 else 2e-2)
+    assert (out.float() - ref).abs().max().item() < (1e-5 if qd == torch.float32 and not on_tiles else 2e-2)
     kv2 = kv.clone()
     kv2[-1] += 1
-    moved = ops.prefill_attention(q, kv2)
+    moved = ops.prefill_attention(q, kv2, tiles)
     assert torch.equal(moved[:-1], out[:-1]) and not torch.equal(moved[-1], out[-1])
     with pytest.raises(RuntimeError, match="T <= L"):
         ops.prefill_attention(torch.zeros(L + 1, H, D), kv)
