@@ -598,10 +598,14 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, :C].view(N, H, D)
         kv = qkv[:, C:].view(N, 2, H, D)  # k and v, already in the cache's layout
         kv_cache = cache.kv[layer]  # (S, 2, H, D)
-        # write this step's K/V before anyone reads them. index_copy_/index_select, not tensor
-        # indexing: on CPU advanced indexing into the large cache costs ~100x more
-        kv = kv.to(kv_cache.dtype)  # int8 mode: fp32 -> the bf16 cache (a no-op otherwise)
-        kv_cache.index_copy_(0, meta.slot_mapping, kv)
+        # write this step's K/V before anyone reads them (int8 mode: fp32 rows into the bf16 cache)
+        if self.paged_ops is not None:
+            self.paged_ops.kv_write(kv_cache, meta.slot_mapping, kv)
+        else:
+            # index_copy_/index_select, not tensor indexing: on CPU advanced indexing into the large
+            # cache costs ~100x more
+            kv = kv.to(kv_cache.dtype)
+            kv_cache.index_copy_(0, meta.slot_mapping, kv)
 
         B = meta.num_decode
         o = None  # decode rows' output, (B, H, D)
@@ -617,16 +621,16 @@ class CausalSelfAttention(nn.Module):
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask).squeeze(2).to(x.dtype)
         if B == N:  # a decode-only step: the output is already (N, H*D), no copy
             return self.c_proj.forward_add(o.reshape(N, C), residual)
+        if self.paged_ops is not None and B == 0 and len(meta.prefills) == 1:
+            # one prompt chunk and nothing else: its attention output is the step's, no copy
+            ctx_slots = meta.prefills[0][2]
+            return self.c_proj.forward_add(self._prefill_attention(q, kv, kv_cache, ctx_slots).view(N, C), residual)
         out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
         if B:
             out[:B] = o
         for start, end, ctx_slots, mask in meta.prefills:
             if self.paged_ops is not None:
-                # the kernels' causal attention over the chunk's own K/V or its whole context: flash
-                # style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69 fp32
-                # and 73 bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)
-                ctx = kv[start:end] if ctx_slots is None else kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
-                out[start:end] = self.paged_ops.prefill_attention(q[start:end], ctx)
+                out[start:end] = self._prefill_attention(q[start:end], kv[start:end], kv_cache, ctx_slots)
                 continue
             if ctx_slots is None and kv.dtype == torch.bfloat16 and end - start >= self.blocked_from:
                 # a long prompt from position 0 over a bf16 cache: by causal blocks (see causal_attention)
@@ -647,6 +651,15 @@ class CausalSelfAttention(nn.Module):
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
             out[start:end] = o[0].transpose(0, 1)  # (T, H, D)
         return self.c_proj.forward_add(out.view(N, C), residual)
+
+
+    def _prefill_attention(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, ctx_slots: torch.Tensor | None) -> torch.Tensor:
+        """The kernels' causal attention of one prompt chunk, q (T, H, D), over its own K/V (kv, (T, 2, H, D),
+        in the cache's dtype as decode reads them) or, continuing a context, the cache's rows at ctx_slots.
+        Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69 fp32 and 73
+        bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)."""
+        ctx = kv.to(kv_cache.dtype) if ctx_slots is None else kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
+        return self.paged_ops.prefill_attention(q, ctx)
 
 
 class MLP(nn.Module):

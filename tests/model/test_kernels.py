@@ -404,6 +404,28 @@ def test_causal_attention_matches_sdpa(T):
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "fp32-into-bf16", "bf16"])
+def test_kv_write_is_index_copy(src, cache):
+    """kv_write puts each row of K/V (a strided view of the fused qkv output, as the model passes
+    it) at its slot, rounded to the cache's dtype exactly as `.to` + index_copy_ do, touches no
+    other slot, and refuses a slot outside the cache."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(5)
+    N, H, D, S = 37, 3, 64, 100
+    qkv = torch.randn(N, 3 * H * D, generator=g).to(src)
+    kv = qkv[:, H * D:].view(N, 2, H, D)
+    slots = torch.randperm(S, generator=g)[:N]
+    got = torch.randn(S, 2, H, D, generator=g).to(cache)
+    want = got.clone()
+    want.index_copy_(0, slots, kv.to(cache))
+    ops.kv_write(got, slots, kv)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.kv_write(got, torch.full((N,), S), kv)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("qd,kd", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "fp32-q-bf16-kv", "bf16"])
 @pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77), (33, 1024)],
@@ -496,3 +518,4 @@ def test_refresh_gemv_weights_moves_the_copies_and_changes_nothing(dtype):
     assert m._decode_layers is not None  # rebuilt on the new copies
     assert m._decode_layers.params[4].data_ptr() == getattr(c_attn, c_attn.gemv_tensors[0]).data_ptr()
     assert torch.equal(forward_logits(m, ids), before)
+
