@@ -122,21 +122,48 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None  # (B_dec,) int64 context lengths, for the paged-attention kernel
 
 
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large CPU tensor, not yet touched, with 2 MiB pages (madvise MADV_HUGEPAGE:
+    with transparent_hugepage set to `madvise`, as here and on many distributions, only advised
+    memory gets them). Returns whether the advice was taken; elsewhere, or refused, the tensor keeps
+    4 KiB pages and works the same.
+
+    Why for the KV cache: decode attention reads each sequence's slots all over a cache of a few GiB,
+    a page (and a TLB miss) per slot with 4 KiB pages: batch 32, 128 new tokens, in-process, bf16
+    876-948 -> 924-1019 tok/s, int8 1051-1226 -> 1146-1277 (AMX Xeon, runs in turn). The weights
+    gained nothing measurable from it (prefill 512, batch 32)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return False
+    huge = 2 << 20
+    start = (t.data_ptr() + huge - 1) // huge * huge
+    end = (t.data_ptr() + t.numel() * t.element_size()) // huge * huge
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, 14) == 0  # MADV_HUGEPAGE
+
+
 class KVCache:
     """Paged K/V storage for every layer: one tensor (n_layer, num_blocks * block_size, 2, n_head, head_dim).
 
     K and V of a token sit side by side (`[..., 0, :, :]` is K, `[..., 1, :, :]` is V) because the
     fused c_attn projection already lays them out that way, (N, [q | k | v]): one `index_copy_` writes
     both and one `index_select` gathers both, half the per-layer cache ops of separate K and V.
-    Allocated once and touched at start-up (PERF-NOTES: first touch is slow in these VMs), never per
-    step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out by
+    Allocated once (on 2 MiB pages where Linux grants them: advise_huge_pages) and touched at start-up
+    (PERF-NOTES: first touch is slow in these VMs), never per step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out by
     engine/kv_cache.py.
     """
 
     def __init__(self, config: GPT2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (config.n_layer, num_blocks * block_size, 2, config.n_head, config.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.empty(shape, dtype=dtype, device=device)
+        advise_huge_pages(self.kv)  # before the first touch, which then maps 2 MiB pages
+        self.kv.zero_()
 
     @property
     def k(self) -> torch.Tensor:

@@ -519,3 +519,18 @@ def test_refresh_gemv_weights_moves_the_copies_and_changes_nothing(dtype):
     assert m._decode_layers.params[4].data_ptr() == getattr(c_attn, c_attn.gemv_tensors[0]).data_ptr()
     assert torch.equal(forward_logits(m, ids), before)
 
+
+def test_kv_cache_asks_for_huge_pages():
+    """A KV cache of several MiB is advised onto 2 MiB pages where Linux offers transparent huge
+    pages (advise_huge_pages: decode attention's TLB misses), comes out zeroed either way, and a
+    tensor too small to hold an aligned 2 MiB page is left alone."""
+    import sys
+    from pathlib import Path
+
+    from gpt2serve.model.gpt2 import advise_huge_pages
+
+    thp = sys.platform.startswith("linux") and Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    assert advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8)) == thp
+    assert advise_huge_pages(torch.empty(1000)) is False
+    cache = KVCache(GPT2Config(n_layer=2, n_embd=64, n_head=4), 512, 16, torch.float32, torch.device("cpu"))
+    assert cache.kv.numel() * 4 > 4 << 20 and not cache.kv.any()
