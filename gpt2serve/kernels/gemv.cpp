@@ -1092,6 +1092,39 @@ at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, 
 //   kt (D/2, Lk): kt[r][j] = K[j][2r .. 2r+1] as one 32-bit word (K's word pairs transposed);
 //   vv (Lv/2, D): vv[p][d] = V[2p][d], V[2p+1][d] side by side.
 // Tiles: 0-3 sums (S: 64 keys of 16 queries; O: 64 dims), 4 the A operand (Q or P, 16 x 32), 6-7 B.
+// Tiles 0 .. n-1 (n <= 4) = the bf16 dot products of A, 16 rows of 64 bytes (as apart) at a + i a_step
+// in k step i, with B_t, 16 rows of 64 bytes (bs apart) at b + i b_step + 64 t, over `steps` k steps;
+// stored as fp32 rows (cs bytes apart) at c + 16 t. A in tile 4, the B operands in 6 and 7 by turns.
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void tile_sums(const char* a, int64_t as, int64_t a_step,
+                                                                          const char* b, int64_t bs, int64_t b_step,
+                                                                          int64_t steps, int64_t n, float* c, int64_t cs) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t i = 0; i < steps; ++i, a += a_step, b += b_step) {
+    _tile_loadd(4, a, as);
+    _tile_loadd(6, b, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    if (n > 1) {
+      _tile_loadd(7, b + 64, bs);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (n > 2) {
+      _tile_loadd(6, b + 128, bs);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if (n > 3) {
+      _tile_loadd(7, b + 192, bs);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  _tile_stored(0, c, cs);
+  if (n > 1) _tile_stored(1, c + 16, cs);
+  if (n > 2) _tile_stored(2, c + 32, cs);
+  if (n > 3) _tile_stored(3, c + 48, cs);
+}
+
 struct AmxAttention {
   // keys, head dim; row lengths of kt and S (keys to a multiple of 64, S's blocks) and of P (to 32,
   // P V's k steps), each one cache line longer: rows a power of two apart share the same few L1 sets
@@ -1136,37 +1169,10 @@ struct AmxAttention {
       for (int64_t d = 0; d < D; d += 16)
         store16(qb.data() + i * D + d, 0xFFFF, i < nq ? load16(q + (q0 + i) * qs + d) : _mm512_setzero_ps());
     const int64_t ke = offset + q0 + nq;  // keys [0, ke) are seen by some query of the block
-    // S = Q K^T, 64 keys (four 16-key tiles) at a time
-    for (int64_t j0 = 0; j0 < ke; j0 += 64) {
-      const int64_t nb = std::min<int64_t>(4, (ke - j0 + 15) / 16);
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kk = 0; kk < D / 32; ++kk) {
-        const char* kb = reinterpret_cast<const char*>(kt.data() + kk * 16 * Lk + j0);
-        _tile_loadd(4, qb.data() + kk * 32, D * 2);
-        _tile_loadd(6, kb, Lk * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        if (nb > 1) {
-          _tile_loadd(7, kb + 64, Lk * 4);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (nb > 2) {
-          _tile_loadd(6, kb + 128, Lk * 4);
-          _tile_dpbf16ps(2, 4, 6);
-        }
-        if (nb > 3) {
-          _tile_loadd(7, kb + 192, Lk * 4);
-          _tile_dpbf16ps(3, 4, 7);
-        }
-      }
-      float* s = S.data() + j0;
-      _tile_stored(0, s, Lk * 4);
-      if (nb > 1) _tile_stored(1, s + 16, Lk * 4);
-      if (nb > 2) _tile_stored(2, s + 32, Lk * 4);
-      if (nb > 3) _tile_stored(3, s + 48, Lk * 4);
-    }
+    // S = Q K^T, 64 keys (four 16-key tiles) at a time, 32 dims per k step
+    for (int64_t j0 = 0; j0 < ke; j0 += 64)
+      tile_sums(reinterpret_cast<const char*>(qb.data()), D * 2, 64, reinterpret_cast<const char*>(kt.data() + j0), Lk * 4,
+                16 * Lk * 4, D / 32, std::min<int64_t>(4, (ke - j0 + 15) / 16), S.data() + j0, Lk * 4);
     // each row's softmax over its c = offset + q0 + i + 1 keys; P is zero past them, to a multiple of 32
     const int64_t kp = (ke + 31) / 32 * 32;
     alignas(64) float inv[16];
@@ -1198,36 +1204,9 @@ struct AmxAttention {
       inv[i] = 1.f / _mm512_reduce_add_ps(sum);
     }
     // O = P V, 64 dims (four 16-dim tiles) at a time, 32 keys per k step
-    for (int64_t dc = 0; dc < D; dc += 64) {
-      const int64_t nd = std::min<int64_t>(4, (D - dc) / 16);
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k0 = 0; k0 < kp; k0 += 32) {
-        const char* vb = reinterpret_cast<const char*>(vv.data() + k0 / 2 * D + dc);
-        _tile_loadd(4, P.data() + k0, Lv * 2);
-        _tile_loadd(6, vb, D * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        if (nd > 1) {
-          _tile_loadd(7, vb + 64, D * 4);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (nd > 2) {
-          _tile_loadd(6, vb + 128, D * 4);
-          _tile_dpbf16ps(2, 4, 6);
-        }
-        if (nd > 3) {
-          _tile_loadd(7, vb + 192, D * 4);
-          _tile_dpbf16ps(3, 4, 7);
-        }
-      }
-      float* o = O.data() + dc;
-      _tile_stored(0, o, D * 4);
-      if (nd > 1) _tile_stored(1, o + 16, D * 4);
-      if (nd > 2) _tile_stored(2, o + 32, D * 4);
-      if (nd > 3) _tile_stored(3, o + 48, D * 4);
-    }
+    for (int64_t dc = 0; dc < D; dc += 64)
+      tile_sums(reinterpret_cast<const char*>(P.data()), Lv * 2, 64, reinterpret_cast<const char*>(vv.data() + dc), D * 4,
+                16 * D * 4, kp / 32, std::min<int64_t>(4, (D - dc) / 16), O.data() + dc, D * 4);
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t d = 0; d < D; d += 16)
         store16(out + (q0 + i) * os + d, 0xFFFF, _mm512_mul_ps(_mm512_loadu_ps(O.data() + i * D + d), _mm512_set1_ps(inv[i])));
