@@ -151,11 +151,12 @@ class KVCache:
     """Paged K/V storage for every layer: one tensor (n_layer, num_blocks * block_size, 2, n_head, head_dim).
 
     K and V of a token sit side by side (`[..., 0, :, :]` is K, `[..., 1, :, :]` is V) because the
-    fused c_attn projection already lays them out that way, (N, [q | k | v]): one `index_copy_` writes
-    both and one `index_select` gathers both, half the per-layer cache ops of separate K and V.
-    Allocated once (on 2 MiB pages where Linux grants them: advise_huge_pages) and touched at start-up
-    (PERF-NOTES: first touch is slow in these VMs), never per step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out by
-    engine/kv_cache.py.
+    fused c_attn projection already lays them out that way, (N, [q | k | v]): one write (the kernels'
+    `kv_write`, or `index_copy_`) puts both and one `index_select` gathers both, half the per-layer
+    cache ops of separate K and V. Allocated once (on 2 MiB pages where Linux grants them:
+    advise_huge_pages) and touched at start-up (PERF-NOTES: first touch is slow in these VMs), never
+    per step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out
+    by engine/kv_cache.py.
     """
 
     def __init__(self, config: GPT2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
@@ -679,12 +680,12 @@ class CausalSelfAttention(nn.Module):
             out[start:end] = o[0].transpose(0, 1)  # (T, H, D)
         return self.c_proj.forward_add(out.view(N, C), residual)
 
-
-    def _prefill_attention(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, ctx_slots: torch.Tensor | None) -> torch.Tensor:
-        """The kernels' causal attention of one prompt chunk, q (T, H, D), over its own K/V (kv, (T, 2, H, D),
-        in the cache's dtype as decode reads them) or, continuing a context, the cache's rows at ctx_slots.
-        Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69 fp32 and 73
-        bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)."""
+    def _prefill_attention(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor,
+                           ctx_slots: torch.Tensor | None) -> torch.Tensor:
+        """The kernels' causal attention of one prompt chunk, q (T, H, D), over its own K/V (kv, (T, 2, H,
+        D), rounded to the cache's dtype as decode reads them) or, continuing a context, the cache's rows
+        at ctx_slots. Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69
+        fp32 and 73 bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)."""
         ctx = kv.to(kv_cache.dtype) if ctx_slots is None else kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
         return self.paged_ops.prefill_attention(q, ctx)
 
