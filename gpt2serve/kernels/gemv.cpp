@@ -1092,6 +1092,10 @@ at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, 
 //   kt (D/2, Lk): kt[r][j] = K[j][2r .. 2r+1] as one 32-bit word (K's word pairs transposed);
 //   vv (Lv/2, D): vv[p][d] = V[2p][d], V[2p+1][d] side by side.
 // Tiles: 0-3 sums (S: 64 keys of 16 queries; O: 64 dims), 4 the A operand (Q or P, 16 x 32), 6-7 B.
+
+// The first n of 16 lanes (n >= 16: all).
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
 // Tiles 0 .. n-1 (n <= 4) = the bf16 dot products of A, 16 rows of 64 bytes (as apart) at a + i a_step
 // in k step i, with B_t, 16 rows of 64 bytes (bs apart) at b + i b_step + 64 t, over `steps` k steps;
 // stored as fp32 rows (cs bytes apart) at c + 16 t. A in tile 4, the B operands in 6 and 7 by turns.
@@ -1143,7 +1147,7 @@ struct AmxAttention {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(ks / 2)));
     for (int64_t j = 0; j < L; j += 16) {
-      const __mmask16 m = L - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (L - j)) - 1);
+      const __mmask16 m = first_lanes(L - j);
       const uint32_t* kr = reinterpret_cast<const uint32_t*>(k + j * ks);
       for (int64_t r = 0; r < D / 2; ++r)
         _mm512_storeu_si512(kt.data() + r * Lk + j, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, kr + r, 4));
@@ -1186,8 +1190,7 @@ struct AmxAttention {
       const int64_t c = offset + q0 + i + 1;
       __m512 mx = _mm512_set1_ps(-INFINITY);
       for (int64_t j = 0; j < c; j += 16) {
-        const __mmask16 m = c - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (c - j)) - 1);
-        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(s + j));
+        mx = _mm512_mask_max_ps(mx, first_lanes(c - j), mx, _mm512_loadu_ps(s + j));
       }
       // e^(scale (s - max)) = 2^(s c - max c), c = scale log2(e)
       const float c2 = scale * 1.44269504088896341f;
@@ -1195,8 +1198,7 @@ struct AmxAttention {
       __m512 sum = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j < c; j += 16) {
-        const __mmask16 m = c - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (c - j)) - 1);
-        const __m256bh pb = _mm512_cvtneps_pbh(exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, base), m));
+        const __m256bh pb = _mm512_cvtneps_pbh(exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, base), first_lanes(c - j)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)pb);
         sum = _mm512_add_ps(sum, load16(p + j));
       }
