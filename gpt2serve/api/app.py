@@ -49,7 +49,7 @@ def default_engine(loaded, settings: Settings):
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                           prefill_first_tokens=settings.prefill_first_tokens,
                           max_queue=settings.max_queue, kv_cache_memory=settings.kv_cache_memory,
-                          threads=settings.threads, kernels=settings.kernels)
+                          threads=settings.threads, kernels=settings.kernels, kv_cache_dtype=settings.kv_cache_dtype)
     return AsyncEngine(loaded, config).start()
 
 

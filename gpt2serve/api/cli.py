@@ -30,6 +30,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
      "new prompts totalling at most this many tokens get a step of their own, ahead of the decodes (0: never)"),
     ("--max-queue", "max_queue", int, "waiting requests before 429 overloaded"),
     ("--kv-cache-memory", "kv_cache_memory", str, "KV cache size in bytes (e.g. 2GiB) or auto"),
+    ("--kv-cache-dtype", "kv_cache_dtype", str,
+     "auto (the model's float dtype) | int8 (per-head int8 K/V with fp32 scales: ~half the memory and decode-attention reads)"),
     ("--max-body-bytes", "max_body_bytes", int, "request bodies above this get 413"),
     ("--keepalive-seconds", "keepalive_seconds", float, "SSE keep-alive comment interval"),
     ("--database-url", "database_url", str, "accounts database (sqlite:///file.db or postgresql+psycopg://...)"),

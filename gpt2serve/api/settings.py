@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     prefill_first_tokens: int = Field(256, ge=0)  # new prompts up to this many tokens get a step of their own
     max_queue: int = 256  # waiting requests before 429 overloaded
     kv_cache_memory: str = "auto"  # bytes (e.g. "2GiB") or auto
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"  # int8: per-head int8 K/V + fp32 scales (~half the bytes)
     threads: int | None = None  # torch intra-op threads; default: the machine's cores
     kernels: Literal["auto", "torch"] = "auto"  # auto: oneDNN packed bf16 / AMX int8 where the CPU has them
 

@@ -75,10 +75,15 @@ class EngineConfig:
     # "auto": the fastest kernels this CPU has (gpt2serve/kernels' AVX-512 and AMX ones, oneDNN, fbgemm); "torch": plain torch
     # ops only (to measure what the kernels buy, or to rule them out)
     kernels: str = "auto"
+    # "auto": K/V in the model's float dtype (bf16 for int8 weights where the CPU has native bf16);
+    # "int8": each head's K and V as int8 with an fp32 scale (gpt2.KVCache), about half the bytes
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.kernels not in ("auto", "torch"):
             raise ValueError(f"kernels must be 'auto' or 'torch', got {self.kernels!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
         if self.prefill_first_tokens < 0:
@@ -126,7 +131,8 @@ class Engine:
         model = loaded.model.prepare_for_serving(int8=loaded.dtype == "int8", kernels=self.config.kernels)
         device = next(model.parameters()).device
         kv_dtype = model.kv_dtype  # the weights' float dtype; bf16 for int8 on CPUs with native bf16
-        per_token = KVCache.bytes_per_token(cfg, kv_dtype)
+        cache_dtype = torch.int8 if self.config.kv_cache_dtype == "int8" else kv_dtype
+        per_token = KVCache.bytes_per_token(cfg, cache_dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = min(self.config.max_num_seqs * cfg.n_positions * per_token, 2 * 2**30, _total_memory() // 4)
@@ -139,7 +145,7 @@ class Engine:
                 f"({cfg.n_positions} tokens = {per_token * cfg.n_positions} bytes)"
             )
         self.kv_cache_bytes = num_blocks * bs * per_token
-        self.cache = KVCache(cfg, num_blocks, bs, kv_dtype, device)
+        self.cache = KVCache(cfg, num_blocks, bs, cache_dtype, device, compute_dtype=kv_dtype)
         model.refresh_gemv_weights()  # see there: the kernels stream copies made now faster
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(
@@ -151,7 +157,7 @@ class Engine:
         self._seq_ids = itertools.count()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
-            num_blocks, bs, num_blocks * bs, self.kv_cache_bytes / 2**20, kv_dtype,
+            num_blocks, bs, num_blocks * bs, self.kv_cache_bytes / 2**20, cache_dtype,
         )
 
     # -- requests ------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ class ModelRunner:
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
     def copy_block(self, src: int, dst: int) -> None:
-        bs = self.bs
-        self.cache.kv[:, dst * bs : (dst + 1) * bs] = self.cache.kv[:, src * bs : (src + 1) * bs]
+        self.cache.copy_block(src, dst)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], sample_seqs: list[tuple[Sequence, int]], plp_chunks: list[int]) -> StepResult:

@@ -114,6 +114,9 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits go to the top of each lane
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+inline __m512 load16(const int8_t* p) {  // an 8-bit KV cache's values, before their scale
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 k) {  // bf16 -> fp32: the 16 bits go to the top of each lane
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -577,9 +580,13 @@ inline void prefetch_head(const T* p, int64_t D) {  // one head's D values of on
     _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
 }
 
+// An 8-bit cache (T = int8_t) holds each slot's K and V per head as int8 values and one fp32 scale
+// (ks: (S, 2, H), K's H scales then V's): a score is the int8 dot product times the K scale, and a
+// V row's weight is its probability times the V scale. Float caches pass ks = nullptr.
 template <typename T>
-void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int64_t H, int64_t D, int64_t h,
-            float scale, float* scores, float* out) {
+void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+            int64_t h, float scale, float* scores, float* out) {
+  constexpr bool q8 = std::is_same<T, int8_t>::value;
   const int64_t row = 2 * H * D;  // elements per slot; D is a multiple of 16, at most 128 (checked)
   constexpr int64_t kAhead = 8;  // slots ahead: a slot's head sits 2HD elements from the next one's,
                                  // a stride the hardware prefetchers do not follow (1.6x measured)
@@ -593,7 +600,8 @@ void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int6
     const T* k = kv + slots[j] * row + h * D;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-    const float s = _mm512_reduce_add_ps(acc) * scale;
+    float s = _mm512_reduce_add_ps(acc) * scale;
+    if constexpr (q8) s *= ks[slots[j] * 2 * H + h];
     scores[j] = s;
     mx = std::max(mx, s);
   }
@@ -606,7 +614,9 @@ void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int6
   for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_setzero_ps();
   for (int64_t j = 0; j < len; ++j) {
     const T* v = kv + slots[j] * row + H * D + h * D;
-    const __m512 w = _mm512_set1_ps(scores[j] * inv);
+    float p = scores[j] * inv;
+    if constexpr (q8) p *= ks[slots[j] * 2 * H + H + h];
+    const __m512 w = _mm512_set1_ps(p);
     for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_fmadd_ps(w, load16(v + 16 * d), acc[d]);
   }
   for (int64_t d = 0; d < nd; ++d) _mm512_storeu_ps(out + 16 * d, acc[d]);
@@ -618,8 +628,9 @@ void attend(const float* q, const T* kv, const int64_t* slots, int64_t len, int6
 // there are enough sequences to share among the threads (batch 32, 12 layers: 9.7 -> 8.6 ms bf16).
 // scores: (H, len) scratch; out: (H, D).
 template <typename T>
-void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
                 float scale, float* scores, float* out) {
+  constexpr bool q8 = std::is_same<T, int8_t>::value;
   const int64_t row = 2 * H * D;
   std::vector<float> mx(H, -INFINITY);
   for (int64_t j = 0; j < len; ++j) {
@@ -630,11 +641,16 @@ void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, 
     if (j + 4 < len) {
       const char* n = reinterpret_cast<const char*>(kv + slots[j + 4] * row);
       for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(n + off, _MM_HINT_T1);
+      if constexpr (q8) {
+        const char* sn = reinterpret_cast<const char*>(ks + slots[j + 4] * 2 * H);
+        for (int64_t off = 0; off < 2 * H * 4; off += 64) _mm_prefetch(sn + off, _MM_HINT_T1);
+      }
     }
     for (int64_t h = 0; h < H; ++h) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), load16(k + h * D + d), acc);
-      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      float sc = _mm512_reduce_add_ps(acc) * scale;
+      if constexpr (q8) sc *= ks[slots[j] * 2 * H + h];
       scores[h * len + j] = sc;
       mx[h] = std::max(mx[h], sc);
     }
@@ -650,7 +666,9 @@ void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, 
   for (int64_t j = 0; j < len; ++j) {
     const T* v = kv + slots[j] * row + H * D;
     for (int64_t h = 0; h < H; ++h) {
-      const __m512 w = _mm512_set1_ps(scores[h * len + j] * inv[h]);
+      float p = scores[h * len + j] * inv[h];
+      if constexpr (q8) p *= ks[slots[j] * 2 * H + H + h];
+      const __m512 w = _mm512_set1_ps(p);
       for (int64_t d = 0; d < D; d += 16)
         _mm512_storeu_ps(out + h * D + d, _mm512_fmadd_ps(w, load16(v + h * D + d), _mm512_loadu_ps(out + h * D + d)));
     }
@@ -658,14 +676,21 @@ void attend_seq(const float* q, const T* kv, const int64_t* slots, int64_t len, 
 }
 
 // The arguments' shapes for B queries of H heads of D values, and every length and slot in range
-// (the kernel reads the cache at them).
-void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+// (the kernel reads the cache at them). An 8-bit cache (int8 kv) comes with its scales, (S, 2, H) fp32.
+void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
+                 const c10::optional<at::Tensor>& kv_scale) {
   TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == H && kv.size(3) == D,
               "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
   TORCH_CHECK(kv.is_contiguous() && slots.is_contiguous() && lens.is_contiguous(), "decode_attention: contiguous kv, slots, lens");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
               slots.size(0) == B && lens.numel() == B, "decode_attention: int64 slots (B, L), lens (B,)");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16, "decode_attention: fp32 or bf16 cache");
+  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kChar,
+              "decode_attention: fp32, bf16 or int8 cache");
+  TORCH_CHECK((kv.scalar_type() == at::kChar) == kv_scale.has_value(), "decode_attention: scales with an int8 cache and only then");
+  if (kv_scale)
+    TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->is_contiguous() && kv_scale->dim() == 3 &&
+                kv_scale->size(0) == kv.size(0) && kv_scale->size(1) == 2 && kv_scale->size(2) == H,
+                "decode_attention: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
   TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
   const int64_t L = slots.size(1), S = kv.size(0);
   const int64_t* sp = slots.data_ptr<int64_t>();
@@ -676,9 +701,18 @@ void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at
   }
 }
 
+// f(kv data, scales or null) with the cache's element type
+template <typename F>
+void with_cache(const at::Tensor& kv, const c10::optional<at::Tensor>& kv_scale, F&& f) {
+  if (kv.scalar_type() == at::kFloat) f(kv.data_ptr<float>(), static_cast<const float*>(nullptr));
+  else if (kv.scalar_type() == at::kBFloat16) f(kv.data_ptr<at::BFloat16>(), static_cast<const float*>(nullptr));
+  else f(kv.data_ptr<int8_t>(), static_cast<const float*>(kv_scale->data_ptr<float>()));
+}
+
 // decode_attention without the checks: for arguments check_paged has passed (decode_layers checks
 // a step's slots once, not once per layer).
-at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
+                                      const c10::optional<at::Tensor>& kv_scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1);
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, D}, qf.options());
@@ -688,41 +722,35 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
   const int64_t* lp = lens.data_ptr<int64_t>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t threads = at::get_num_threads();
-  if (B >= 2 * threads) {  // a few whole sequences per thread
-    // handed out one at a time: contexts differ in length (a served batch holds requests at every
-    // stage), and equal halves of the batch would leave one thread waiting for the other
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      std::vector<float> scores(H * L);
-      for (int64_t b; (b = next.fetch_add(1)) < B;) {
-        if (kv.scalar_type() == at::kFloat)
-          attend_seq<float>(qp + b * H * D, kv.data_ptr<float>(), sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
-        else
-          attend_seq<at::BFloat16>(qp + b * H * D, kv.data_ptr<at::BFloat16>(), sp + b * L, lp[b], H, D, scale, scores.data(),
-                                   op + b * H * D);
+  with_cache(kv, kv_scale, [&](const auto* kvp, const float* ks) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
+    if (B >= 2 * threads) {  // a few whole sequences per thread
+      // handed out one at a time: contexts differ in length (a served batch holds requests at every
+      // stage), and equal halves of the batch would leave one thread waiting for the other
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        std::vector<float> scores(H * L);
+        for (int64_t b; (b = next.fetch_add(1)) < B;)
+          attend_seq<T>(qp + b * H * D, kvp, ks, sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
+      });
+      return;
+    }
+    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(L);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        attend<T>(qp + (b * H + h) * D, kvp, ks, sp + b * L, lp[b], H, D, h, scale, scores.data(), op + (b * H + h) * D);
       }
     });
-    return out.to(q.scalar_type());
-  }
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(L);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const float* qi = qp + (b * H + h) * D;
-      float* oi = op + (b * H + h) * D;
-      if (kv.scalar_type() == at::kFloat)
-        attend<float>(qi, kv.data_ptr<float>(), sp + b * L, lp[b], H, D, h, scale, scores.data(), oi);
-      else
-        attend<at::BFloat16>(qi, kv.data_ptr<at::BFloat16>(), sp + b * L, lp[b], H, D, h, scale, scores.data(), oi);
-    }
   });
   return out.to(q.scalar_type());
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
+                            const c10::optional<at::Tensor>& kv_scale) {
   TORCH_CHECK(q.dim() == 3, "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
-  check_paged(q.size(0), q.size(1), q.size(2), kv, slots, lens);
-  return decode_attention_unchecked(q, kv, slots, lens);
+  check_paged(q.size(0), q.size(1), q.size(2), kv, slots, lens, kv_scale);
+  return decode_attention_unchecked(q, kv, slots, lens, kv_scale);
 }
 
 // ------------------------------------------------------------------------- prefill attention
@@ -1262,18 +1290,53 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool til
 // projection's output), rounded to the cache's dtype as Tensor.to does. Why: index_copy_ wrote a
 // 512-token prompt's rows at ~4.4 GB/s (0.27-0.35 ms a layer, after a separate .to for int8 mode's
 // fp32 rows: 0.29 ms more).
-void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv) {
+//
+// An 8-bit cache (int8, with scale (S, 2, H) fp32) takes each head's D values of K and of V as
+// symmetric int8, scale = max|x| / 127, q = round(x / scale) (to nearest even): half a bf16 cache's
+// bytes for decode attention to read (quantize_head).
+template <typename T>
+inline void quantize_head(const T* x, int64_t D, int8_t* q, float* scale) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + d)));
+  const float mx = _mm512_reduce_max_ps(amax);
+  *scale = mx / 127.f;
+  const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + d), inv));  // MXCSR: nearest even; |v| <= 127
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + d), _mm512_cvtepi32_epi8(v));
+  }
+}
+
+void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.is_contiguous(), "kv_write: a contiguous cache (S, 2, H, D)");
   TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == cache.size(2) && kv.size(3) == cache.size(3) && kv.stride(3) == 1 &&
               kv.stride(2) == kv.size(3) && kv.stride(1) == kv.size(2) * kv.size(3), "kv_write: kv (N, 2, H, D), each row contiguous");
   TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == kv.size(0),
               "kv_write: int64 slots (N,)");
-  TORCH_CHECK((cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16) &&
-              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "kv_write: fp32 or bf16");
-  const int64_t N = kv.size(0), S = cache.size(0), row = 2 * cache.size(2) * cache.size(3);
+  TORCH_CHECK((cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) &&
+              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "kv_write: an fp32, bf16 or int8 cache, fp32 or bf16 kv");
+  const int64_t N = kv.size(0), S = cache.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
   TORCH_CHECK(row % 16 == 0, "kv_write: 2 * H * D must be a multiple of 16");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sp[n] >= 0 && sp[n] < S, "kv_write: slot out of range");
+  TORCH_CHECK((cache.scalar_type() == at::kChar) == scale.has_value(), "kv_write: scales with an int8 cache and only then");
+  if (scale) {
+    TORCH_CHECK(D % 16 == 0, "kv_write: an int8 cache's head_dim must be a multiple of 16");
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 3 && scale->size(0) == S &&
+                scale->size(1) == 2 && scale->size(2) == H, "kv_write: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
+    int8_t* cp = cache.data_ptr<int8_t>();
+    float* scp = scale->data_ptr<float>();
+    auto quantize = [&](const auto* src) {
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t i = 0; i < 2 * H; ++i)  // K's heads, then V's
+            quantize_head(src + n * kv.stride(0) + i * D, D, cp + sp[n] * row + i * D, scp + sp[n] * 2 * H + i);
+      });
+    };
+    if (kv.scalar_type() == at::kFloat) quantize(kv.data_ptr<float>());
+    else quantize(kv.data_ptr<at::BFloat16>());
+    return;
+  }
   // whole cache lines by streaming stores where the rows allow: a new token's slot is rarely in
   // cache, and an ordinary store reads each line first (a 512-token prompt's 512 rows of bf16 K/V:
   // 0.20 -> 0.16 ms a layer)
@@ -1318,11 +1381,13 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv) 
 //   mode 1 (bf16): w (out, in) bf16, bias fp32 (or empty), -, -, panels
 //   mode 2 (fp32): w (out, in) fp32, bias fp32 (or empty), -, -, panels
 // (panels empty without `many`)
-// kv: (n_layer, S, 2, H, D); slot_mapping (B,), slots (B, L), lens (B,) as for decode_attention.
+// kv: (n_layer, S, 2, H, D); slot_mapping (B,), slots (B, L), lens (B,) as for decode_attention;
+// kv_scale: (n_layer, S, 2, H) for an int8 cache, else none.
 // act: 1 = GELU tanh (gelu_new), 2 = exact GELU. Returns the hidden state before ln_f.
 at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const at::Tensor& kv,
                          const at::Tensor& slot_mapping, const at::Tensor& slots, const at::Tensor& lens,
-                         int64_t mode, double eps, int64_t n_head, int64_t act, int64_t many) {
+                         int64_t mode, double eps, int64_t n_head, int64_t act, int64_t many,
+                         const c10::optional<at::Tensor>& kv_scale) {
   constexpr int64_t kPer = 24;
   const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
   TORCH_CHECK(mode >= 0 && mode <= 2, "decode_layers: mode is 0 (int8), 1 (bf16) or 2 (fp32)");
@@ -1349,7 +1414,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     return gemv_float<float>(x.contiguous(), p[0], opt(p[1]), res, a);
   };
   // the step's slots and lengths are the same for every layer: checked once
-  check_paged(B, H, D, kv.select(0, 0), slots, lens);
+  TORCH_CHECK(!kv_scale || (kv_scale->dim() == 4 && kv_scale->size(0) == n_layer), "decode_layers: kv_scale (n_layer, S, 2, H)");
+  auto layer_scale = [&](int64_t i) { return kv_scale ? c10::optional<at::Tensor>(kv_scale->select(0, i)) : c10::nullopt; };
+  check_paged(B, H, D, kv.select(0, 0), slots, lens, layer_scale(0));
   at::Tensor x = x_in;
   for (int64_t i = 0; i < n_layer; ++i) {
     const at::Tensor* p = params.data() + i * kPer;
@@ -1357,8 +1424,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     at::Tensor h = at::layer_norm(x, {C}, p[0], p[1], eps);
     at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
     at::Tensor q = qkv.narrow(1, 0, C).view({B, H, D});
-    kv_write(kv_l, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}));
-    at::Tensor o = decode_attention_unchecked(q, kv_l, slots, lens);  // (B, H, D)
+    const c10::optional<at::Tensor> scale_l = layer_scale(i);  // (S, 2, H) of an int8 cache
+    kv_write(kv_l, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}), scale_l);
+    at::Tensor o = decode_attention_unchecked(q, kv_l, slots, lens, scale_l);  // (B, H, D)
     x = proj(p + 9, o.reshape({B, C}), 0, &x);
     h = at::layer_norm(x, {C}, p[2], p[3], eps);
     x = proj(p + 19, proj(p + 14, h, act, nullptr), 0, &x);
@@ -1379,11 +1447,11 @@ TORCH_LIBRARY(gpt2serve, m) {
   m.def("matmul_panels(Tensor x, Tensor w, int n, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias, Tensor? residual, int act) -> Tensor");
   m.def("gelu_tanh_(Tensor(a!) x) -> ()");
-  m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens, Tensor? kv_scale=None) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor kv, bool tiles=True) -> Tensor");
-  m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor kv) -> ()");
+  m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor kv, Tensor(b!)? scale=None) -> ()");
   m.def("decode_layers(Tensor x, Tensor[] params, Tensor(a!) kv, Tensor slot_mapping, Tensor slots, Tensor lens, "
-        "int mode, float eps, int n_head, int act, int many) -> Tensor");
+        "int mode, float eps, int n_head, int act, int many, Tensor(b!)? kv_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2serve, CPU, m) {

@@ -147,6 +147,17 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return libc.madvise(start, end - start, 14) == 0  # MADV_HUGEPAGE
 
 
+def quantize_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows (N, 2, H, D) -> int8 values (N, 2, H, D) and fp32 scales (N, 2, H): per head of K and
+    of V, scale = max|x| / 127 and q = round(x / scale) to nearest even, as the kernels' kv_write
+    stores them in an 8-bit cache (same bits)."""
+    x = kv.float()
+    amax = x.abs().amax(dim=-1)  # (N, 2, H)
+    # a true division, as the kernel's (`127.0 / amax` is reciprocal-then-multiply in torch)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return torch.round(x * inv[..., None]).to(torch.int8), amax / 127.0
+
+
 class KVCache:
     """Paged K/V storage for every layer: one tensor (n_layer, num_blocks * block_size, 2, n_head, head_dim).
 
@@ -157,14 +168,29 @@ class KVCache:
     advise_huge_pages) and touched at start-up (PERF-NOTES: first touch is slow in these VMs), never
     per step. A token's K/V lives at flat slot `block * block_size + offset`; blocks are handed out
     by engine/kv_cache.py.
+
+    dtype int8 (`--kv-cache-dtype int8`, as vLLM's fp8 cache): each head's K and V as int8 with one
+    fp32 scale, `scale` (n_layer, S, 2, n_head) (quantize_kv): 52% of a bf16 cache's bytes per token,
+    so twice the tokens in the same memory and half the bytes for decode attention to read, which is
+    memory-bound at large batches. Attention computes in `compute_dtype` (the model's own K/V dtype):
+    a prompt attends over its own unrounded K/V, later tokens over the cache's.
     """
 
-    def __init__(self, config: GPT2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: GPT2Config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 compute_dtype: torch.dtype | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (config.n_layer, num_blocks * block_size, 2, config.n_head, config.head_dim)
         self.kv = torch.empty(shape, dtype=dtype, device=device)
         advise_huge_pages(self.kv)  # before the first touch, which then maps 2 MiB pages
         self.kv.zero_()
+        self.scale = None  # (n_layer, S, 2, H) fp32 for an int8 cache
+        if dtype == torch.int8:
+            self.scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+            advise_huge_pages(self.scale)
+            self.scale.zero_()
+            self.compute_dtype = compute_dtype or torch.float32
+        else:
+            self.compute_dtype = dtype
 
     @property
     def k(self) -> torch.Tensor:
@@ -174,9 +200,36 @@ class KVCache:
     def v(self) -> torch.Tensor:
         return self.kv[:, :, 1]
 
+    def rows(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The K/V at `slots` of one layer, (L, 2, H, D) in compute_dtype (an int8 cache's dequantized)."""
+        kv = self.kv[layer].index_select(0, slots)
+        if self.scale is None:
+            return kv
+        return (kv.float() * self.scale[layer].index_select(0, slots)[..., None]).to(self.compute_dtype)
+
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Torch ops' write of a step's K/V (N, 2, H, D) at `slots` (the kernels have kv_write)."""
+        # index_copy_/index_select, not tensor indexing: on CPU advanced indexing into the large
+        # cache costs ~100x more
+        if self.scale is None:
+            self.kv[layer].index_copy_(0, slots, kv.to(self.kv.dtype))
+            return
+        q, s = quantize_kv(kv)
+        self.kv[layer].index_copy_(0, slots, q)
+        self.scale[layer].index_copy_(0, slots, s)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.kv[:, dst * bs : (dst + 1) * bs] = self.kv[:, src * bs : (src + 1) * bs]
+        if self.scale is not None:
+            self.scale[:, dst * bs : (dst + 1) * bs] = self.scale[:, src * bs : (src + 1) * bs]
+
     @staticmethod
     def bytes_per_token(config: GPT2Config, dtype: torch.dtype) -> int:
-        return 2 * config.n_layer * config.n_embd * torch.empty((), dtype=dtype).element_size()
+        per_token = 2 * config.n_layer * config.n_embd * torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.int8:
+            per_token += 2 * config.n_layer * config.n_head * 4  # the fp32 scales
+        return per_token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,24 +679,23 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, :C].view(N, H, D)
         kv = qkv[:, C:].view(N, 2, H, D)  # k and v, already in the cache's layout
         kv_cache = cache.kv[layer]  # (S, 2, H, D)
+        kv_scale = None if cache.scale is None else cache.scale[layer]  # (S, 2, H) of an int8 cache
         # write this step's K/V before anyone reads them (int8 mode: fp32 rows into the bf16 cache)
         if self.paged_ops is not None:
-            self.paged_ops.kv_write(kv_cache, meta.slot_mapping, kv)
+            self.paged_ops.kv_write(kv_cache, meta.slot_mapping, kv, kv_scale)
         else:
-            # index_copy_/index_select, not tensor indexing: on CPU advanced indexing into the large
-            # cache costs ~100x more
-            kv = kv.to(kv_cache.dtype)
-            kv_cache.index_copy_(0, meta.slot_mapping, kv)
+            cache.write(layer, meta.slot_mapping, kv)
+            kv = kv.to(cache.compute_dtype)
 
         B = meta.num_decode
         o = None  # decode rows' output, (B, H, D)
         if B and self.paged_ops is not None and meta.decode_lens is not None:
             # decode: one query per sequence against its context, read in place from the paged cache
-            o = self.paged_ops.decode_attention(q[:B], kv_cache, meta.decode_gather, meta.decode_lens)
+            o = self.paged_ops.decode_attention(q[:B], kv_cache, meta.decode_gather, meta.decode_lens, kv_scale)
         elif B:
             # decode: one query per sequence against its gathered context
             Bg, L = meta.decode_gather.shape
-            ctx = kv_cache.index_select(0, meta.decode_gather.view(-1)).view(Bg, L, 2, H, D)
+            ctx = cache.rows(layer, meta.decode_gather.view(-1)).view(Bg, L, 2, H, D)
             kd, vd = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)  # (B, H, L, D) each
             qd = q[:B].unsqueeze(2).to(ctx.dtype)  # (B, H, 1, D)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask).squeeze(2).to(x.dtype)
@@ -652,13 +704,13 @@ class CausalSelfAttention(nn.Module):
         if self.paged_ops is not None and B == 0 and len(meta.prefills) == 1:
             # one prompt chunk and nothing else: its attention output is the step's, no copy
             ctx_slots = meta.prefills[0][2]
-            return self.c_proj.forward_add(self._prefill_attention(q, kv, kv_cache, ctx_slots).view(N, C), residual)
+            return self.c_proj.forward_add(self._prefill_attention(q, kv, cache, layer, ctx_slots).view(N, C), residual)
         out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
         if B:
             out[:B] = o
         for start, end, ctx_slots, mask in meta.prefills:
             if self.paged_ops is not None:
-                out[start:end] = self._prefill_attention(q[start:end], kv[start:end], kv_cache, ctx_slots)
+                out[start:end] = self._prefill_attention(q[start:end], kv[start:end], cache, layer, ctx_slots)
                 continue
             if ctx_slots is None and kv.dtype == torch.bfloat16 and end - start >= self.blocked_from:
                 # a long prompt from position 0 over a bf16 cache: by causal blocks (see causal_attention)
@@ -674,19 +726,19 @@ class CausalSelfAttention(nn.Module):
                 vp = kv[start:end, 1].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
             else:
-                ctx = kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
+                ctx = cache.rows(layer, ctx_slots)  # (L, 2, H, D)
                 kp, vp = ctx[:, 0].transpose(0, 1).unsqueeze(0), ctx[:, 1].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
             out[start:end] = o[0].transpose(0, 1)  # (T, H, D)
         return self.c_proj.forward_add(out.view(N, C), residual)
 
-    def _prefill_attention(self, q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor,
+    def _prefill_attention(self, q: torch.Tensor, kv: torch.Tensor, cache: KVCache, layer: int,
                            ctx_slots: torch.Tensor | None) -> torch.Tensor:
         """The kernels' causal attention of one prompt chunk, q (T, H, D), over its own K/V (kv, (T, 2, H,
-        D), rounded to the cache's dtype as decode reads them) or, continuing a context, the cache's rows
-        at ctx_slots. Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69
+        D), rounded to the cache's float dtype as decode reads them; an int8 cache's compute_dtype, unquantized)
+        or, continuing a context, the cache's rows at ctx_slots (an int8 cache's dequantized). Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69
         fp32 and 73 bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)."""
-        ctx = kv.to(kv_cache.dtype) if ctx_slots is None else kv_cache.index_select(0, ctx_slots)  # (L, 2, H, D)
+        ctx = kv.to(cache.compute_dtype) if ctx_slots is None else cache.rows(layer, ctx_slots)  # (L, 2, H, D)
         return self.paged_ops.prefill_attention(q, ctx)
 
 
@@ -778,7 +830,7 @@ class DecodeLayers:
 
     def __call__(self, x: torch.Tensor, cache: "KVCache", meta: AttentionMetadata) -> torch.Tensor:
         return self.ops.decode_layers(x, self.params, cache.kv, meta.slot_mapping, meta.decode_gather,
-                                      meta.decode_lens, self.mode, self.eps, self.n_head, self.act, self.many)
+                                      meta.decode_lens, self.mode, self.eps, self.n_head, self.act, self.many, cache.scale)
 
 
 class GPT2LMHeadModel(nn.Module):

@@ -144,6 +144,40 @@ def test_kv_budget_is_respected_and_excess_requests_wait(tiny):
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
 
 
+def test_int8_kv_cache_holds_more_tokens_and_forks_with_its_scales(tiny):
+    """--kv-cache-dtype int8: within the same budget the cache holds as many more tokens as its bytes
+    per token allow (int8 K/V plus an fp32 scale per head, against fp32 K/V), never more than the
+    budget; n=2 greedy sequences (the fork copies the prompt's partial last block, values and
+    scales) both equal the greedy sequence alone, logprobs included; and greedy decoding over it stays near the fp32
+    cache's (random tiny weights: near-ties can flip a token, so most, not all, prompts)."""
+    c = tiny.config
+    budget = 16 * 2**20
+    f32 = LLM(loaded=tiny, kv_cache_memory=budget)
+    q8 = LLM(loaded=tiny, max_num_seqs=8, kv_cache_memory=budget, kv_cache_dtype="int8")
+    cache = q8.engine.cache
+    assert cache.kv.dtype == torch.int8 and cache.scale.shape == cache.kv.shape[:-1]
+    assert cache.kv.numel() + 4 * cache.scale.numel() == q8.engine.kv_cache_bytes <= budget
+    per_f32, per_q8 = 2 * c.n_layer * c.n_embd * 4, 2 * c.n_layer * (c.n_embd + 4 * c.n_head)
+    bs = cache.block_size
+    assert abs(cache.kv.shape[1] - f32.engine.cache.kv.shape[1] * per_f32 / per_q8) <= bs
+    p = tiny.tokenizer.encode(PROMPTS[0])
+    assert len(p) % bs  # a partial last block, which the fork copies
+    two = q8.generate([p], greedy(n=2, logprobs=0))[0]
+    one = q8.generate([p], greedy(logprobs=0))[0].outputs[0]
+    assert two.outputs[0].token_ids == two.outputs[1].token_ids == one.token_ids
+    for out in two.outputs:  # the child's copied block attends as the parent's does
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, one.logprobs)) < 1e-4
+    # torch ops' path (KVCache.write / rows: quantize_kv, the same bits as kv_write) agrees with the kernels'
+    plain = LLM(loaded=tiny, kv_cache_memory=budget, kv_cache_dtype="int8", kernels="torch").generate([p], greedy(logprobs=0))[0].outputs[0]
+    assert plain.token_ids == one.token_ids
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(plain.logprobs, one.logprobs)) < 1e-3
+    ids = [tiny.tokenizer.encode(x) for x in PROMPTS]
+    same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(f32.generate(ids, greedy()), q8.generate(ids, greedy()))]
+    assert sum(same) >= len(same) - 1
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
+
+
 async def test_async_engine_streams_aborts_and_sheds_load(tiny):
     eng = AsyncEngine(tiny, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_queue=2)).start()
     try:

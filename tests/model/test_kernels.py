@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gpt2serve import kernels
 from gpt2serve.model.gpt2 import (AttentionMetadata, Bf16Conv1D, Conv1D, F32Conv1D, GPT2Config, GPT2LMHeadModel,
-                                  Int8Conv1D, KVCache)
+                                  Int8Conv1D, KVCache, quantize_kv)
 from .helpers import forward_logits
 
 ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 37, 64, 70)
@@ -314,6 +314,31 @@ def test_decode_attention_matches_gather_and_sdpa(dtype):
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows():
+    """An 8-bit cache (int8 values, a scale per slot, K/V and head): the kernel equals SDPA over the
+    dequantized contexts, on both of its paths (a sequence per task and a (sequence, head) per task,
+    the same arithmetic), and refuses an int8 cache without its scales."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(2)
+    S, H, D, B, L = 512, 4, 64, 5, 37
+    kv, scale = quantize_kv(torch.randn(S, 2, H, D, generator=g) * torch.rand(S, 2, H, 1, generator=g) * 4)
+    slots = torch.randperm(S, generator=g)[: B * L].view(B, L).contiguous()
+    lens = torch.tensor([L, 1, 20, 36, 5])
+    q = torch.randn(B, H, D, generator=g)
+    ctx = (kv.float() * scale[..., None]).index_select(0, slots.view(-1)).view(B, L, 2, H, D)
+    mask = (torch.arange(L)[None, :] < lens[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2), ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
+                                         attn_mask=mask).squeeze(2)
+    out = ops.decode_attention(q, kv, slots, lens, scale)
+    assert out.dtype == torch.float32 and (out - ref).abs().max().item() < 1e-5
+    assert torch.equal(ops.decode_attention(q[:1], kv, slots[:1], lens[:1], scale), out[:1])
+    with pytest.raises(RuntimeError, match="scales with an int8 cache"):
+        ops.decode_attention(q, kv, slots, lens)
+    with pytest.raises(RuntimeError, match="scales with an int8 cache"):
+        ops.decode_attention(q, ctx.new_zeros(S, 2, H, D), slots, lens, scale)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 def test_gelu_tanh_matches_torch():
     """GPT-2's GELU in place, against torch's tanh form: every size (a masked tail when the count is
     not a multiple of 16), large magnitudes of both signs (exp's clamp), infinities."""
@@ -336,7 +361,8 @@ def test_gelu_tanh_matches_torch():
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("dtype,batch", [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)])
 @pytest.mark.parametrize("many", ["onednn", "panels"])
-def test_decode_layers_equals_the_python_blocks(dtype, batch, many, monkeypatch):
+@pytest.mark.parametrize("kv", ["auto", "int8"], ids=["float-cache", "int8-cache"])
+def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypatch):
     """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
     cache writes to the bit (the same ops in the same order), at uneven context lengths: up to 4
     rows on the GEMV; more on the model's many-row kernels (the panels, or the AMX tiles where the
@@ -360,8 +386,12 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, monkeypatch)
         return  # the Python blocks run these steps: nothing to compare
     g = torch.Generator().manual_seed(1)
     bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16, 3, 21, 11, 28, 7, 1, 19, 25, 13, 32, 2, 8][:batch]
-    cache = KVCache(cfg, 2 * batch, bs, m.kv_dtype, torch.device("cpu"))
-    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(cache.kv.dtype))  # contexts already cached
+    cache = KVCache(cfg, 2 * batch, bs, torch.int8 if kv == "int8" else m.kv_dtype, torch.device("cpu"), compute_dtype=m.kv_dtype)
+    if kv == "int8":  # contexts already cached
+        cache.kv.copy_(torch.randint(-127, 128, cache.kv.shape, generator=g, dtype=torch.int8))
+        cache.scale.copy_(torch.rand(cache.scale.shape, generator=g) / 30)
+    else:
+        cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(cache.kv.dtype))
     blocks = torch.randperm(2 * batch, generator=g).view(batch, 2)  # 2 scattered blocks per sequence
     pos = torch.tensor(lens) - 1  # each sequence's new token is the last of its context
     gather = torch.stack([blk[torch.arange(32) // bs] * bs + torch.arange(32) % bs for blk in blocks])  # (B, 32)
@@ -369,14 +399,20 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, monkeypatch)
                              decode_gather=gather, decode_mask=None, prefills=[], decode_lens=torch.tensor(lens))
     ids = torch.randint(0, 300, (batch,), generator=g)
     kv0 = cache.kv.clone()
+    scale0 = None if cache.scale is None else cache.scale.clone()
     out_fused = m(ids, pos, cache, meta)
     kv_fused = cache.kv.clone()
+    scale_fused = None if cache.scale is None else cache.scale.clone()
     cache.kv.copy_(kv0)
+    if scale0 is not None:
+        cache.scale.copy_(scale0)
     m._decode_layers = None
     out_python = m(ids, pos, cache, meta)
     m._decode_layers = fused
     assert torch.equal(out_fused, out_python)
     assert torch.equal(kv_fused, cache.kv) and not torch.equal(kv0, cache.kv)
+    if scale0 is not None:
+        assert torch.equal(scale_fused, cache.scale) and not torch.equal(scale0, cache.scale)
 
 
 @pytest.mark.parametrize("T", [1, 64, 300], ids=["one", "one-block", "uneven"])
@@ -423,6 +459,33 @@ def test_kv_write_is_index_copy(src, cache):
     assert torch.equal(got, want)
     with pytest.raises(RuntimeError, match="slot out of range"):
         ops.kv_write(got, torch.full((N,), S), kv)
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kv_write_into_an_int8_cache_is_quantize_kv(src):
+    """Into an 8-bit cache kv_write stores each head's K and V as quantize_kv does (the torch path's
+    write, the same bits), with its scale, touching no other slot; a zero head gets scale 0."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(6)
+    N, H, D, S = 37, 3, 64, 100
+    qkv = (torch.randn(N, 3 * H * D, generator=g) * 3).to(src)
+    qkv[4, H * D : 2 * H * D] = 0  # row 4's K: every head zero
+    kv = qkv[:, H * D:].view(N, 2, H, D)
+    slots = torch.randperm(S, generator=g)[:N]
+    cache = torch.randint(-127, 128, (S, 2, H, D), generator=g, dtype=torch.int8)
+    scale = torch.rand(S, 2, H, generator=g)
+    want_q, want_s = cache.clone(), scale.clone()
+    q, s = quantize_kv(kv)
+    want_q.index_copy_(0, slots, q)
+    want_s.index_copy_(0, slots, s)
+    ops.kv_write(cache, slots, kv, scale)
+    assert torch.equal(cache, want_q) and torch.equal(scale, want_s)
+    assert scale[slots[4], 0].eq(0).all() and cache[slots[4], 0].eq(0).all()
+    deq = cache[slots].float() * scale[slots][..., None]
+    assert (deq - kv.float()).abs().max() <= kv.float().abs().amax() / 254 * 1.001  # half a step at most
+    with pytest.raises(RuntimeError, match="scales with an int8 cache"):
+        ops.kv_write(cache, slots, kv)
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
