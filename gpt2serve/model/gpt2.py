@@ -302,8 +302,9 @@ class Bf16Conv1D(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv=None, many: str = "onednn"):
         """many: what runs calls of more than gemv_rows rows: "onednn" (its bf16 linear), "panels"
-        (the kernels' matmul_panels, fp32 FMAs on widened bf16 weights; needs `gemv`; see panels_win)
-        or "amx" (the kernels' matmul_bf16_amx, on CPUs with AMX)."""
+        (the kernels' matmul_panels, fp32 FMAs on widened bf16 weights; needs `gemv`; see panels_win),
+        "dot" (the kernels' matmul_bf16_dot, bf16 dot products, vdpbf16ps) or "amx" (the kernels'
+        matmul_bf16_amx, on CPUs with AMX)."""
         super().__init__()
         self.many = many
         w = weight.detach().t().contiguous()  # (in, out) -> (out, in)
@@ -318,7 +319,7 @@ class Bf16Conv1D(nn.Module):
         if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[gelu])
         if self.panels is not None:
-            matmul = self.gemv.matmul_bf16_amx if self.many == "amx" else self.gemv.matmul_panels
+            matmul = {"amx": self.gemv.matmul_bf16_amx, "dot": self.gemv.matmul_bf16_dot}.get(self.many, self.gemv.matmul_panels)
             return matmul(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
@@ -376,40 +377,47 @@ def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 def many_rows_weights(w: torch.Tensor, many: str, gemv) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(panels, packed) of an (out, in) bf16 or fp32 weight for calls of more than gemv_rows rows:
-    the kernels' panels when many is "panels" (matmul_panels) or "amx" (matmul_bf16_amx, bf16 only)
+    the kernels' panels when many is "panels" (matmul_panels), "amx" (matmul_bf16_amx) or "dot"
+    (matmul_bf16_dot; both bf16 only)
     and the kernels are there, else oneDNN's reordered weight (the row-count hint 16: no slower at
     1 row than the hint 1, faster at 32: 10.9 vs 11.4 ms, 30.0 vs 34.6). Only one of them is made."""
-    if many == "amx" and gemv is not None:
+    if many in ("amx", "dot") and gemv is not None:  # bf16 only; the same layout for both
         return pack_amx_bf16(w.t()), None
     if many == "panels" and gemv is not None:
         return pack_panels(w.t()), None
     return None, torch.ops.mkldnn._reorder_linear_weight(w, 16)
 
 
-def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32, repeats: int = 3) -> tuple[bool, float, float]:
-    """Whether the kernels' panel matmul beats `rival`'s on this CPU for `weight` ((in, out), one of
-    the model's), timed at `rows` rows, the two taking turns: (panels win, their best ms, the rival's
-    best ms). make(weight, many) builds the projection module either way (many: "panels" or rival).
+def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32, repeats: int = 3,
+               ours: tuple[str, ...] = ("panels",)) -> tuple[str, dict[str, float]]:
+    """Which of the kernels' many-row matmuls (`ours`: "panels", and for bf16 "dot") or `rival`'s
+    is fastest on this CPU for `weight` ((in, out), one of the model's), timed at `rows` rows, all
+    taking turns: (the winner, each one's best ms). make(weight, many) builds the projection module
+    for each kind.
 
     Which wins is a property of the CPU more than of the shape. bf16: where vdpbf16ps runs at half
     the FMA rate (the Intel Xeon without AMX we measured), fp32 FMAs on widened weights are ~1.7x
     faster at every row count (48 block matmuls, ms: 8 rows 5.6 vs 9.8, 32 rows 20.2 vs 34.1, 512
-    rows 334 vs 521); with AMX, or on AMD Zen 4 (bf16 dot products at twice the fp32 rate),
-    oneDNN's should be. fp32 (same machine): 8 rows 8.5 vs 11.0, 32 rows 20.9 vs 23.1, 512 rows
-    alike. int8 (against fbgemm, at 12 rows: below AMX's oneDNN): 8 rows 2.1 vs 3.4 ms, 32 rows 5.6
-    vs 7.2. The loser's copy of the weights is never made."""
+    rows 334 vs 521); on AMD Zen 4 (bf16 dot products at twice the fp32 rate) our dot-product
+    kernel beats oneDNN's (48 block matmuls, weights streamed from memory: 8 rows 7.9-8.3 vs
+    9.5-10.5 ms, 32 rows 16.3-16.6 vs 17.2-18.4, 512 rows 205 vs 208-215) and the FMA panels lose
+    (8.9-10.2, 28, 420-430). fp32 (the Intel Xeon): 8 rows 8.5 vs 11.0, 32 rows 20.9 vs 23.1, 512
+    rows alike. int8 (against fbgemm, at 12 rows: below AMX's oneDNN): 8 rows 2.1 vs 3.4 ms, 32 rows
+    5.6 vs 7.2. The losers' copies of the weights are not kept."""
     import time
 
     x = torch.randn(rows, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)  # global RNG untouched
-    ours, theirs = make(weight, "panels"), make(weight, rival)
-    best = [math.inf, math.inf]
-    for r in range(repeats + 1):  # round 0 warms both up
-        for i, m in enumerate((ours, theirs)):
+    kinds = [*ours, rival]
+    mods = [make(weight, k) for k in kinds]
+    best = [math.inf] * len(kinds)
+    for r in range(repeats + 1):  # round 0 warms them up
+        for i, m in enumerate(mods):
             t = time.perf_counter()
             m(x)
             if r:
                 best[i] = min(best[i], time.perf_counter() - t)
-    return best[0] < best[1], best[0] * 1e3, best[1] * 1e3
+    ms = {k: b * 1e3 for k, b in zip(kinds, best)}
+    return min(ms, key=ms.get), ms
 
 
 class F32Conv1D(nn.Module):
@@ -792,8 +800,8 @@ class DecodeLayers:
         empty = torch.empty(0)
         self.ops, self.mode, self.act, self.eps, self.n_head = ops, mode, act, eps, n_head
         first = blocks[0].attn.c_attn
-        # 0: the GEMV only; 1: the panels; 2: the AMX tiles (the choice is the model's, one for all)
-        self.many = 0 if first.panels is None else 2 if first.many == "amx" else 1
+        # 0: the GEMV only; 1: the panels; 2: the AMX tiles; 3: bf16 dot products (the model's choice, one for all)
+        self.many = 0 if first.panels is None else {"amx": 2, "dot": 3}.get(first.many, 1)
         # without `many`, the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570
         # vs 480-492 tok/s); with it any decode step, except where int8 has oneDNN take many rows
         self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
@@ -914,7 +922,8 @@ class GPT2LMHeadModel(nn.Module):
                 # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
-            many = self._amx_kernels(gemv) or self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv)
+            many = self._amx_kernels(gemv) or self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv,
+                                                                ours=("panels", "dot"))
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
             many = self._choose_many(lambda w, m: F32Conv1D(w, None, gemv=gemv, many=m), gemv)
@@ -942,15 +951,15 @@ class GPT2LMHeadModel(nn.Module):
         log.info("matmuls of > 4 rows: the kernels' AMX tiles")
         return "amx"
 
-    def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32) -> str:
-        """What runs the projections' calls of > 4 rows (int8: 5-63): "panels" (the kernels' panel
-        matmul) where it beats `rival` on this CPU, timed once on layer 0's c_fc (panels_win), else
-        the rival. Kept in `self.many_rows` and logged."""
+    def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32, ours: tuple[str, ...] = ("panels",)) -> str:
+        """What runs the projections' calls of > 4 rows (int8: 5-63): the fastest on this CPU of the
+        kernels' matmuls (`ours`) and `rival`'s, timed once on layer 0's c_fc (panels_win). Kept in
+        `self.many_rows` and logged."""
         many = rival
         if gemv is not None:
-            won, ms_panels, ms_rival = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach(), rival=rival, rows=rows)
-            many = "panels" if won else rival
-            log.info("matmuls of > 4 rows: %s (c_fc at %d rows: panels %.2f ms, %s %.2f ms)", many, rows, ms_panels, rival, ms_rival)
+            many, ms = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach(), rival=rival, rows=rows, ours=ours)
+            log.info("matmuls of > 4 rows: %s (c_fc at %d rows: %s)", many, rows,
+                     ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         self.many_rows = many
         return many
 

@@ -95,11 +95,11 @@ def test_gemv_builds_where_supported(tmp_path):
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
-@pytest.mark.parametrize("many", ["onednn", "panels", "amx"])
+@pytest.mark.parametrize("many", ["onednn", "panels", "dot", "amx"])
 def test_bf16_matches_conv1d(gemv, many):
     """Every way of running calls of > gemv_rows rows: oneDNN's bf16 linear, and the kernels'
-    matmul_panels (fp32 FMAs on panel-packed bf16 weights) or matmul_bf16_amx (only with the
-    kernels)."""
+    matmul_panels (fp32 FMAs on panel-packed bf16 weights), matmul_bf16_dot (bf16 dot products)
+    or matmul_bf16_amx (only with the kernels)."""
     if gemv:
         _need_amx(many)
     ref = _conv(128, 384)
@@ -134,18 +134,19 @@ def test_matmul_panels_output_widths_that_are_not_panel_multiples(n, dtype):
                     reason="no native bf16 or no kernels here")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
 def test_model_makes_one_copy_for_many_rows(dtype):
-    """prepare_for_serving times the panel matmul against oneDNN (int8: fbgemm) once and builds only
-    the winner's weights: every projection and the head hold exactly one of the two."""
+    """prepare_for_serving times the kernels' many-row matmuls (bf16: the panels and the dot
+    products) against oneDNN (int8: fbgemm) once and builds only the winner's weights: every
+    projection and the head hold exactly one kind."""
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     m = _prepared(cfg, dtype, seed=4)
     ops = kernels.gemv()
     if ops.amx_available() and dtype != "float32":  # the AMX kernels, on the same panels, untimed
         assert m.many_rows == "amx"
     else:
-        assert m.many_rows in (("panels", "fbgemm") if dtype == "int8" else ("panels", "onednn"))
+        assert m.many_rows in {"int8": ("panels", "fbgemm"), "bfloat16": ("panels", "dot", "onednn"), "float32": ("panels", "onednn")}[dtype]
     mods = [mod for mod in m.modules() if isinstance(mod, (Bf16Conv1D, F32Conv1D, Int8Conv1D))]
     assert len(mods) == 4 * 2 + 1
-    ours = m.many_rows in ("panels", "amx")
+    ours = m.many_rows in ("panels", "dot", "amx")
     for mod in mods:
         rival = mod._packed if dtype == "int8" else mod.packed
         assert (mod.panels is not None) == ours and (rival is None) == ours
@@ -359,27 +360,27 @@ def test_gelu_tanh_matches_torch():
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-@pytest.mark.parametrize("dtype,batch", [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)])
-@pytest.mark.parametrize("many", ["onednn", "panels"])
+@pytest.mark.parametrize("dtype,batch,many", [(d, b, m) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)
+                                               for m in ("onednn", "panels", *(("dot",) if d == "bfloat16" else ()))])
 @pytest.mark.parametrize("kv", ["auto", "int8"], ids=["float-cache", "int8-cache"])
 def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypatch):
     """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
     cache writes to the bit (the same ops in the same order), at uneven context lengths: up to 4
-    rows on the GEMV; more on the model's many-row kernels (the panels, or the AMX tiles where the
-    CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
+    rows on the GEMV; more on the model's many-row kernels (the panels, bf16's dot products, or the
+    AMX tiles where the CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
     what the load-time choice, panels_win, is made to return)."""
     if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
     rival = "fbgemm" if dtype == "int8" else "onednn"
     monkeypatch.setattr(GPT2LMHeadModel, "_choose_many",
-                        lambda self, *a, **k: setattr(self, "many_rows", rival if many == "onednn" else "panels") or self.many_rows)
+                        lambda self, *a, **k: setattr(self, "many_rows", rival if many == "onednn" else many) or self.many_rows)
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     m = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     m.prepare_for_serving(int8=dtype == "int8")
     fused = m._decode_layers
     assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1, "float32": 2}[dtype]
-    ours = m.many_rows in ("panels", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
-    assert fused.many == (0 if not ours else 2 if m.many_rows == "amx" else 1)
+    ours = m.many_rows in ("panels", "dot", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
+    assert fused.many == (0 if not ours else {"amx": 2, "dot": 3}.get(m.many_rows, 1))
     assert fused.max_rows == (4 if not ours else 1 << 30)
     if batch > fused.max_rows:
         assert not ours
