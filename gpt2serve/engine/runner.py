@@ -93,7 +93,7 @@ class ModelRunner:
             rows = torch.tensor([row_end[ci] - 1 for _, ci in sample_seqs], device=dev)
             logits = self.model.logits(hidden[rows])  # (M, V) fp32
             seqs = [s for s, _ in sample_seqs]
-            r: SampleResult = sample(logits, seqs, self.eos)
+            r: SampleResult = sample(logits, seqs, self.eos, getattr(self.model, "kernels", None))
             for j, s in enumerate(seqs):
                 result.sampled[s.seq_id] = (
                     r.token_ids[j],

@@ -843,6 +843,7 @@ class DecodeLayers:
 
 class GPT2LMHeadModel(nn.Module):
     _decode_layers: DecodeLayers | None = None  # set by prepare_for_serving where the kernels allow
+    kernels = None  # gpt2serve.kernels' ops where prepare_for_serving uses them (the sampler's argmax too)
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -904,6 +905,7 @@ class GPT2LMHeadModel(nn.Module):
             from gpt2serve.kernels import gemv as load_gemv
 
             gemv = load_gemv()  # None where it cannot be built or run: torch's kernels then
+            self.kernels = gemv
             for block in self.transformer.h if gemv is not None else ():
                 if self.config.head_dim % 16 == 0:
                     block.attn.paged_ops = gemv  # decode and prompt attention (paged cache), every dtype

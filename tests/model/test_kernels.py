@@ -340,6 +340,25 @@ def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows():
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.parametrize("V", [1, 15, 16, 50257])
+def test_argmax_rows_is_torch_argmax(V):
+    """The sampler's argmax: each row's first index of its maximum, as torch.argmax, with ties inside
+    and across vector lanes, -inf (masked) entries, a row all -inf, and widths that are not a
+    multiple of 16."""
+    ops = kernels.gemv()
+    g = torch.Generator().manual_seed(V)
+    x = torch.randint(-4, 5, (37, V), generator=g).float()  # small integers: many ties
+    x[1] = float("-inf")
+    x[2, : V // 2] = float("-inf")
+    x[3] = torch.randn(V, generator=g)
+    x[4, -1] = 100.0  # the maximum in the last (partial) vector
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        ops.argmax_rows(x.double())
+
+
+@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 def test_gelu_tanh_matches_torch():
     """GPT-2's GELU in place, against torch's tanh form: every size (a masked tail when the count is
     not a multiple of 16), large magnitudes of both signs (exp's clamp), infinities."""
