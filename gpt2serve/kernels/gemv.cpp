@@ -557,27 +557,27 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
 // panels (pack_amx_bf16: 32 columns, each pair of inputs side by side), so one 64-byte load is 16
 // columns x 2 inputs, and a row of x is read as 32-bit pairs, broadcast. An 8 x 32 tile of y lives
 // in 16 registers: per input pair, two loads, 8 broadcasts and 16 dot products.
-template <int MR, int NC, typename T>
+template <int MR, typename T>
 void dot_tile(const at::BFloat16* x, int64_t K, const uint32_t* panel, int64_t m0, int64_t n0, int64_t N, const float* bias,
               const T* res, T* y, int64_t act) {
-  __m512 acc[MR][NC];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int32_t* xr = reinterpret_cast<const int32_t*>(x + m0 * K);  // pairs of inputs
   const int64_t G = K / 2;
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < G; ++g) {  // panel row g: 32 uint32, columns 0-15 then 16-31, each two inputs
     _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch, _MM_HINT_T1);
-    if (NC == 2) _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch + 64, _MM_HINT_T1);
-    __m512bh w[NC];
-    for (int c = 0; c < NC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(panel + g * 32 + 16 * c);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch + 64, _MM_HINT_T1);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + g * 32), w1 = (__m512bh)_mm512_loadu_si512(panel + g * 32 + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[r * G + g]);
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xb, w[c]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NC; ++c)  // the last panel's columns past N are zero padding: not written
-      if (n0 + 16 * c < N) finish16<T>(y, N, m0 + r, n0 + 16 * c, std::min<int64_t>(16, N - n0 - 16 * c), acc[r][c], bias, res, act);
+  for (int r = 0; r < MR; ++r) {  // the last panel's columns past N are zero padding: not written
+    if (n0 < N) finish16<T>(y, N, m0 + r, n0, std::min<int64_t>(16, N - n0), acc[r][0], bias, res, act);
+    if (n0 + 16 < N) finish16<T>(y, N, m0 + r, n0 + 16, std::min<int64_t>(16, N - n0 - 16), acc[r][1], bias, res, act);
+  }
 }
 
 // x: (M, K) bf16; w: (ceil(N / 32), K / 2, 32, 2) bf16 (pack_amx_bf16); bias fp32 (N,) or none;
@@ -605,7 +605,7 @@ at::Tensor matmul_bf16_dot(const at::Tensor& x, const at::Tensor& w, int64_t N, 
       const uint32_t* panel = wp + p * K * 16;
       for (int64_t m0 = 0; m0 < M; m0 += 8)
         with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
-          dot_tile<decltype(rows)::value, 2, at::BFloat16>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act);
+          dot_tile<decltype(rows)::value, at::BFloat16>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act);
         });
     }
   });
@@ -648,16 +648,16 @@ at::Tensor argmax_rows(const at::Tensor& x) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * V;
       __m512 best = _mm512_set1_ps(-INFINITY);
-      __m512i at = _mm512_setzero_si512();
+      __m512i idx = _mm512_setzero_si512();  // each lane's index of its maximum so far
       for (int64_t v = 0; v < V; v += 16) {
         const __mmask16 k = first_lanes(V - v);
         const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, r + v);
         const __mmask16 gt = _mm512_cmp_ps_mask(a, best, _CMP_GT_OQ);
         best = _mm512_mask_mov_ps(best, gt, a);
-        at = _mm512_mask_mov_epi32(at, gt, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(v))));
+        idx = _mm512_mask_mov_epi32(idx, gt, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(v))));
       }
       const float mx = _mm512_reduce_max_ps(best);
-      op[m] = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ), at);
+      op[m] = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ), idx);
     }
   });
   return out;

@@ -170,7 +170,7 @@ class KVCache:
     by engine/kv_cache.py.
 
     dtype int8 (`--kv-cache-dtype int8`, as vLLM's fp8 cache): each head's K and V as int8 with one
-    fp32 scale, `scale` (n_layer, S, 2, n_head) (quantize_kv): 52% of a bf16 cache's bytes per token,
+    fp32 scale, `scale` (n_layer, S, 2, n_head) (quantize_kv): 53% of a bf16 cache's bytes per token,
     so twice the tokens in the same memory and half the bytes for decode attention to read, which is
     memory-bound at large batches. Attention computes in `compute_dtype` (the model's own K/V dtype):
     a prompt attends over its own unrounded K/V, later tokens over the cache's.
@@ -313,14 +313,16 @@ class Bf16Conv1D(nn.Module):
         self.bias = None if bias is None else bias.detach().clone()
         self.bias_f32 = None if bias is None else bias.detach().float().contiguous()
         self.panels, self.packed = many_rows_weights(w, many, self.gemv)
+        self._matmul = None  # the kernel that reads the panels
+        if self.panels is not None:
+            self._matmul = {"amx": self.gemv.matmul_bf16_amx, "dot": self.gemv.matmul_bf16_dot}.get(many, self.gemv.matmul_panels)
 
     def _run(self, x: torch.Tensor, gelu: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         """gelu: None, or GELU's `approximate` ("tanh" / "none") to apply after the matmul."""
         if self.gemv is not None and x.shape[0] <= self.gemv_rows:
             return self.gemv.gemv_bf16(x.contiguous(), self.weight, self.bias_f32, residual, _GEMV_ACT[gelu])
-        if self.panels is not None:
-            matmul = {"amx": self.gemv.matmul_bf16_amx, "dot": self.gemv.matmul_bf16_dot}.get(self.many, self.gemv.matmul_panels)
-            return matmul(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
+        if self._matmul is not None:
+            return self._matmul(x.contiguous(), self.panels, self.weight.shape[0], self.bias_f32, residual, _GEMV_ACT[gelu])
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         if gelu is not None:
