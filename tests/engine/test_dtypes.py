@@ -51,7 +51,7 @@ def test_low_precision_modes_track_fp32(dtype, fp32_out):
 def test_int8_kv_cache_tracks_the_float_cache(dtype):
     """--kv-cache-dtype int8 against the model's own cache dtype, same weights: prompts in 8-token
     chunks, so every chunk after the first attends over the cache's (dequantized) rows, and 20
-    greedy tokens each decoding over it. Measured: prompt-logprob max |diff| 0.005 fp32, 0.016 bf16,
+    greedy tokens each decoding over it. Measured: prompt-logprob max |diff| 0.005 fp32, 0.016-0.019 bf16,
     0.035 int8 (random 124M weights; int8 weights re-quantize the activations the cache's rounding
     moved), greedy 4/4 in each; the asserts leave ~3x room."""
     loaded = load_model("random:gpt2", dtype=dtype)
