@@ -1,4 +1,5 @@
-"""`gpt2serve serve` as a real process: serves, stops on SIGTERM; exits 1 when the model can't load."""
+"""`gpt2serve serve` as a real process: serves (here with an int8 KV cache), stops on SIGTERM; exits 1 when
+the model can't load, 2 on a bad setting."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def serve(args: list[str], tmp_path) -> subprocess.Popen:
 def test_serve_answers_and_stops(tiny_model_dir, tmp_path):
     port = free_port()
     p = serve(["--model", str(tiny_model_dir), "--port", str(port), "--no-auth", "--max-num-seqs", "4",
-               "--dtype", "float32", "--device", "cpu"], tmp_path)
+               "--dtype", "float32", "--device", "cpu", "--kv-cache-dtype", "int8"], tmp_path)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -42,6 +43,13 @@ def test_serve_answers_and_stops(tiny_model_dir, tmp_path):
     # uvicorn re-raises the signal once it has shut down cleanly (so the exit shows as SIGTERM)
     assert p.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out
+    assert "(torch.int8)" in out  # the engine's KV-cache line: --kv-cache-dtype reached it
+
+
+def test_serve_refuses_an_unknown_kv_cache_dtype(tmp_path):
+    p = serve(["--model", "random:gpt2-tiny", "--port", str(free_port()), "--no-auth", "--kv-cache-dtype", "fp8"], tmp_path)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "kv_cache_dtype" in out and "'auto' or 'int8'" in out
 
 
 def test_serve_exits_1_when_the_model_cannot_load(tmp_path):
