@@ -26,6 +26,18 @@ TOL = {"bfloat16": 0.05, "int8": 0.17}
 KV8_TOL = {"float32": 0.02, "bfloat16": 0.05, "int8": 0.1}
 
 
+def compare(ref, outs, label: str) -> tuple[float, int]:
+    """(max |diff| of the prompt logprobs, prompts whose 20 greedy tokens agree), printed (-s)."""
+    diff = max(
+        abs(x.logprob - y.logprob)
+        for a, b in zip(ref, outs)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
+    )
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref, outs))
+    print(f"{label}: max prompt-logprob diff {diff:.4f}; greedy 20-token agreement {same}/{len(ref)}")
+    return diff, same
+
+
 @pytest.fixture(scope="module")
 def fp32_out():
     llm = LLM(loaded=load_model("random:gpt2", dtype="float32"), kv_cache_memory="256MiB")
@@ -36,15 +48,9 @@ def fp32_out():
 def test_low_precision_modes_track_fp32(dtype, fp32_out):
     llm = LLM(loaded=load_model("random:gpt2", dtype=dtype), kv_cache_memory="256MiB")
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=0))
-    diff = max(
-        abs(x.logprob - y.logprob)
-        for a, b in zip(fp32_out, outs)
-        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
-    )
-    same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(fp32_out, outs)]
-    print(f"{dtype}: max prompt-logprob diff {diff:.4f}; greedy 20-token agreement {sum(same)}/{len(same)}")
+    diff, same = compare(fp32_out, outs, dtype)
     assert diff < TOL[dtype]
-    assert sum(same) >= len(same) - 1
+    assert same >= len(PROMPTS) - 1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
@@ -60,13 +66,6 @@ def test_int8_kv_cache_tracks_the_float_cache(dtype):
     ref = LLM(loaded=loaded, **kw).generate(PROMPTS, params)
     llm = LLM(loaded=loaded, kv_cache_dtype="int8", **kw)
     assert llm.engine.cache.kv.dtype == torch.int8
-    outs = llm.generate(PROMPTS, params)
-    diff = max(
-        abs(x.logprob - y.logprob)
-        for a, b in zip(ref, outs)
-        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
-    )
-    same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(ref, outs)]
-    print(f"{dtype}, int8 KV cache: max prompt-logprob diff {diff:.4f}; greedy 20-token agreement {sum(same)}/{len(same)}")
+    diff, same = compare(ref, llm.generate(PROMPTS, params), f"{dtype}, int8 KV cache")
     assert 0 < diff < KV8_TOL[dtype]
-    assert sum(same) >= len(same) - 1
+    assert same >= len(PROMPTS) - 1
