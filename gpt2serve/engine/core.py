@@ -266,7 +266,7 @@ class Engine:
         for parent, child in forks:
             copy = self.scheduler.fork(parent, child)
             if copy is not None:
-                self.runner.copy_block(*copy)
+                self.cache.copy_block(*copy)
         for c, done_prompt in zip(chunks, completing):
             lps = result.prompt_lps.get(c.seq.seq_id)
             if lps:

@@ -27,13 +27,11 @@ class ModelRunner:
         self.bs = cache.block_size
         self.eos = eos_token_id
         self.device = next(model.parameters()).device
+        self.kernels = getattr(model, "kernels", None)  # set by prepare_for_serving, before the runner exists
 
     def _slots(self, blocks: list[int], start: int, end: int) -> list[int]:
         bs = self.bs
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def copy_block(self, src: int, dst: int) -> None:
-        self.cache.copy_block(src, dst)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], sample_seqs: list[tuple[Sequence, int]], plp_chunks: list[int]) -> StepResult:
@@ -93,7 +91,7 @@ class ModelRunner:
             rows = torch.tensor([row_end[ci] - 1 for _, ci in sample_seqs], device=dev)
             logits = self.model.logits(hidden[rows])  # (M, V) fp32
             seqs = [s for s, _ in sample_seqs]
-            r: SampleResult = sample(logits, seqs, self.eos, getattr(self.model, "kernels", None))
+            r: SampleResult = sample(logits, seqs, self.eos, self.kernels)
             for j, s in enumerate(seqs):
                 result.sampled[s.seq_id] = (
                     r.token_ids[j],

@@ -485,6 +485,17 @@ inline void panel_row(const float* panel, int64_t k, __m512& w0, __m512& w1) {
   _mm_prefetch(reinterpret_cast<const char*>(panel + k * 32) + kPrefetch + 64, _MM_HINT_T1);
 }
 
+// y's rows m0.. m0 + MR, columns n0 .. n0 + 32 from an MR x 32 tile of sums (two vectors a row); the
+// last panel's columns past N are zero padding: not written
+template <int MR, typename T>
+inline void finish_tile32(const __m512 (&acc)[MR][2], T* y, int64_t N, int64_t m0, int64_t n0, const float* bias,
+                          const T* res, int64_t act) {
+  for (int r = 0; r < MR; ++r) {
+    if (n0 < N) finish16<T>(y, N, m0 + r, n0, std::min<int64_t>(16, N - n0), acc[r][0], bias, res, act);
+    if (n0 + 16 < N) finish16<T>(y, N, m0 + r, n0 + 16, std::min<int64_t>(16, N - n0 - 16), acc[r][1], bias, res, act);
+  }
+}
+
 template <int MR, typename T, typename W>
 void panel_tile(const float* x, int64_t K, const W* panel, int64_t m0, int64_t n0, int64_t N, const float* bias,
               const T* res, T* y, int64_t act) {
@@ -502,11 +513,7 @@ void panel_tile(const float* x, int64_t K, const W* panel, int64_t m0, int64_t n
       acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    // the last panel's columns past N are zero padding: not written
-    if (n0 < N) finish16<T>(y, N, m0 + r, n0, std::min<int64_t>(16, N - n0), acc[r][0], bias, res, act);
-    if (n0 + 16 < N) finish16<T>(y, N, m0 + r, n0 + 16, std::min<int64_t>(16, N - n0 - 16), acc[r][1], bias, res, act);
-  }
+  finish_tile32<MR, T>(acc, y, N, m0, n0, bias, res, act);
 }
 
 // x: (M, K) fp32 or bf16; w: (ceil(N / 32), K, 32) bf16 or fp32 panels (see above), N columns of which are
@@ -574,21 +581,24 @@ void dot_tile(const at::BFloat16* x, int64_t K, const uint32_t* panel, int64_t m
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
     }
   }
-  for (int r = 0; r < MR; ++r) {  // the last panel's columns past N are zero padding: not written
-    if (n0 < N) finish16<T>(y, N, m0 + r, n0, std::min<int64_t>(16, N - n0), acc[r][0], bias, res, act);
-    if (n0 + 16 < N) finish16<T>(y, N, m0 + r, n0 + 16, std::min<int64_t>(16, N - n0 - 16), acc[r][1], bias, res, act);
-  }
+  finish_tile32<MR, T>(acc, y, N, m0, n0, bias, res, act);
+}
+
+// The arguments of the kernels on pair-layout bf16 panels (matmul_bf16_dot, matmul_bf16_amx): x (M,
+// K) bf16, w (ceil(N / 32), K / 2, 32, 2) bf16 (pack_amx_bf16), N columns of which are real.
+void check_bf16_pairs(const char* name, const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 2 && x.size(1) == 2 * w.size(1) && x.size(0) >= 1,
+              name, ": x (M, K) and w (ceil(N/32), K/2, 32, 2) expected");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              name, ": contiguous bf16 x and w");
+  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), name, ": N does not match the panels");
 }
 
 // x: (M, K) bf16; w: (ceil(N / 32), K / 2, 32, 2) bf16 (pack_amx_bf16); bias fp32 (N,) or none;
 // residual (M, N) bf16 or none; returns y (M, N) bf16
 at::Tensor matmul_bf16_dot(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& residual, int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 2 && x.size(1) == 2 * w.size(1) && x.size(0) >= 1,
-              "matmul_bf16_dot: x (M, K) and w (ceil(N/32), K/2, 32, 2) expected");
-  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_bf16_dot: N does not match the panels");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "matmul_bf16_dot: contiguous bf16 x and packed w");
+  check_bf16_pairs("matmul_bf16_dot", x, w, N);
   const int64_t M = x.size(0), K = x.size(1);
   check_epilogue("matmul_bf16_dot", M, N, bias, residual, x.scalar_type(), act);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -1176,12 +1186,8 @@ at::Tensor matmul_int8_amx(const at::Tensor& x, const at::Tensor& w, const at::T
 at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& residual, int64_t act) {
   TORCH_CHECK(amx_ready(), "matmul_bf16_amx: this CPU or kernel offers no AMX");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == 32 && w.size(3) == 2 && x.size(1) == 2 * w.size(1) && x.size(0) >= 1,
-              "matmul_bf16_amx: x (M, K) and w (ceil(N/32), K/2, 32, 2) expected");
+  check_bf16_pairs("matmul_bf16_amx", x, w, N);
   TORCH_CHECK(x.size(1) % 32 == 0, "matmul_bf16_amx: K must be a multiple of 32");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
-              "matmul_bf16_amx: contiguous bf16 x and w");
-  TORCH_CHECK(N > 32 * (w.size(0) - 1) && N <= 32 * w.size(0), "matmul_bf16_amx: N does not match the panels");
   const int64_t M = x.size(0), K = x.size(1);
   check_epilogue("matmul_bf16_amx", M, N, bias, residual, at::kBFloat16, act);
   const int64_t Mp = (M + 15) / 16 * 16;
