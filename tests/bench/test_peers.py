@@ -37,3 +37,37 @@ def test_peers_quick_transformers_and_ours(tmp_path, capsys):
     md = (tmp_path / "peers.md").read_text()
     assert "ours / best peer" in md and "Hardware ceilings" in md
     assert md.strip() in capsys.readouterr().out
+
+
+def test_peers_rounds_take_turns_and_keep_each_figures_best(tmp_path):
+    out = tmp_path / "peers.json"
+    rc = peers.main(["--quick", "--rounds", "2", "--engines", "transformers,ours", "--dtypes", "transformers:float32,ours:float32",
+                     "--config", json.dumps(TINY), "--batches", "1", "--new-tokens", "4", "--prefill-len", "16",
+                     "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "peers.md")])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 2
+    # one record per figure, holding both rounds' figures and the best of them
+    keys = [(r["engine"], r["dtype"], r["metric"]) for r in report["results"]]
+    assert len(keys) == len(set(keys)) == 4
+    for r in report["results"]:
+        assert len(r["rounds"]) == 2 and all(x > 0 for x in r["rounds"])
+        assert r["tok_s"] == max(r["rounds"]) and r["round"] == r["rounds"].index(r["tok_s"])
+    # the bandwidth measured before each round, the ceilings from the best
+    bw = report["hardware"]["bandwidth_rounds"]
+    assert len(bw) == 2 and report["hardware"]["bandwidth"]["read_gbs"] == max(bw)
+    s = next(s for s in report["summary"] if s["metric"] == "decode_b1")
+    ours = next(r for r in report["results"] if r["engine"] == "ours" and r["metric"] == "decode_b1")
+    hf = next(r for r in report["results"] if r["engine"] == "transformers" and r["metric"] == "decode_b1")
+    assert s["ours_over_best_peer_by_round"] == [o / h for o, h in zip(ours["rounds"], hf["rounds"])]
+    md = (tmp_path / "peers.md").read_text()
+    assert "best of 2 rounds" in md and "each round" in md
+
+
+def test_merge_rounds_keeps_the_best_round_and_marks_missing_ones():
+    rs = [{"engine": "ours", "dtype": "int8", "metric": "decode_b1", "tok_s": 100.0, "round": 0},
+          {"engine": "ours", "dtype": "int8", "metric": "decode_b1", "tok_s": 120.0, "round": 1},
+          {"engine": "ours", "dtype": "int8", "metric": "decode_b8", "tok_s": 500.0, "round": 1}]
+    merged = {r["metric"]: r for r in peers.merge_rounds(rs)}
+    assert merged["decode_b1"]["tok_s"] == 120.0 and merged["decode_b1"]["rounds"] == [100.0, 120.0]
+    assert merged["decode_b8"]["rounds"] == [None, 500.0]
