@@ -4,6 +4,8 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 MODEL ?= random:gpt2
 PYTEST_ARGS ?=
+# peers: two rounds of every engine taking turns, best of two timed runs per figure (~25 min on 2 cores)
+PEERS_ARGS ?= --rounds 2 --repeats 2
 
 .PHONY: install serve install-test test bench-peers bench-offline
 
@@ -23,7 +25,7 @@ test: install-test
 # Speed: our engine beside transformers / CTranslate2 / llama.cpp on the same random weights, one run.
 bench-peers: install
 	$(PYTHON) -m pip install "$(TORCH)" -e ".[bench,peers]"
-	$(PYTHON) -m gpt2serve.bench.peers --json bench-results/peers.json --markdown bench-results/peers.md
+	$(PYTHON) -m gpt2serve.bench.peers $(PEERS_ARGS) --json bench-results/peers.json --markdown bench-results/peers.md
 
 bench-offline: install
 	gpt2serve bench offline --model $(MODEL)
