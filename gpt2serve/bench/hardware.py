@@ -139,6 +139,11 @@ def measure_bandwidth(size_mib: int = 512, repeats: int = 5) -> dict[str, float]
     return {"read_gbs": nbytes / read / 1e9, "copy_gbs": 2 * nbytes / copy / 1e9, "size_mib": size_mib}
 
 
+def bandwidth_probe(quick: bool = False) -> dict[str, float]:
+    """measure_bandwidth at the size and repeats `measure` uses (smaller and fewer when quick)."""
+    return measure_bandwidth(size_mib=256 if quick else 512, repeats=3 if quick else 5)
+
+
 def _matmul_fn(dtype: str, m: int, k: int, n: int, layout: str):
     """A closure running x(m,k) @ W for one dtype; `layout` "kn" stores W as (k, n), "nk" as (n, k) (nn.Linear)."""
     g = torch.Generator().manual_seed(0)
@@ -222,7 +227,7 @@ def measure(
     prof = HardwareProfile(threads=torch.get_num_threads(), bandwidth=bw, cpu=_cpu_name())
     shapes = sorted({(k, n) for k, n, _ in cost.shapes()})
     for _ in range(passes):
-        b = measure_bandwidth(size_mib=256 if quick else 512, repeats=3 if quick else 5)
+        b = bandwidth_probe(quick)
         for key in ("read_gbs", "copy_gbs"):
             bw[key] = max(bw.get(key, 0.0), b[key])
         bw["size_mib"] = b["size_mib"]

@@ -708,8 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.rounds > 1:
                 log(f"=== round {rnd + 1} of {args.rounds}")
             if rnd and prof is not None:  # the bandwidth again: batch 1's ceiling from the best round
-                bw_rounds.append(hardware.measure_bandwidth(size_mib=256 if args.quick else 512,
-                                                            repeats=3 if args.quick else 5)["read_gbs"])
+                bw_rounds.append(hardware.bandwidth_probe(args.quick)["read_gbs"])
                 prof.bandwidth["read_gbs"] = max(bw_rounds)
             for engine in engines if rnd % 2 == 0 else engines[::-1]:
                 dtypes = _dtypes_for(engine, args.dtypes, args.quick)
