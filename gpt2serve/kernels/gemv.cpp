@@ -1258,6 +1258,53 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void tile_sums(cons
   if (n > 3) _tile_stored(3, c + 48, cs);
 }
 
+// tile_sums on AVX-512 BF16, for CPUs without AMX (AMD Zen 4): the same sums of the same operands,
+// C[i][16t + c] += A[i][2r] B[r][2c] + A[i][2r + 1] B[r][2c + 1], by vdpbf16ps with A's pair
+// broadcast against B's row of 16 pairs. N tiles (1-4) as a template argument, 4 rows of C at a
+// time: 16 accumulators, per pair of k 4 loads and 4 broadcasts for 16 vdpbf16ps, B's 16 x 64 bytes
+// per k step staying in L1 across the 4 row groups. Zen 4 runs vdpbf16ps at twice its fp32 FMA rate.
+template <int N>
+inline void dot_sums(const char* a, int64_t as, int64_t a_step, const char* b, int64_t bs, int64_t b_step, int64_t steps,
+                     float* c, int64_t cs) {
+  for (int64_t i0 = 0; i0 < 16; i0 += 4) {
+    __m512 acc[4][N];
+    for (int ii = 0; ii < 4; ++ii)
+      for (int t = 0; t < N; ++t) acc[ii][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < steps; ++i) {
+      const char* ai = a + i0 * as + i * a_step;
+      const char* bi = b + i * b_step;
+      for (int64_t r = 0; r < 16; ++r) {
+        __m512bh bv[N];
+        for (int t = 0; t < N; ++t) bv[t] = (__m512bh)_mm512_loadu_si512(bi + r * bs + 64 * t);
+        for (int ii = 0; ii < 4; ++ii) {
+          int32_t pair;
+          std::memcpy(&pair, ai + ii * as + 4 * r, 4);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+          for (int t = 0; t < N; ++t) acc[ii][t] = _mm512_dpbf16_ps(acc[ii][t], av, bv[t]);
+        }
+      }
+    }
+    for (int ii = 0; ii < 4; ++ii)
+      for (int t = 0; t < N; ++t) _mm512_storeu_ps(c + (i0 + ii) * (cs / 4) + 16 * t, acc[ii][t]);
+  }
+}
+
+// tile_sums (Tiles: on AMX, the tile configuration loaded) or dot_sums, for n <= 4 tiles.
+template <bool Tiles>
+inline void block_sums(const char* a, int64_t as, int64_t a_step, const char* b, int64_t bs, int64_t b_step, int64_t steps,
+                       int64_t n, float* c, int64_t cs) {
+  if constexpr (Tiles) {
+    tile_sums(a, as, a_step, b, bs, b_step, steps, n, c, cs);
+  } else {
+    switch (n) {
+      case 4: dot_sums<4>(a, as, a_step, b, bs, b_step, steps, c, cs); break;
+      case 3: dot_sums<3>(a, as, a_step, b, bs, b_step, steps, c, cs); break;
+      case 2: dot_sums<2>(a, as, a_step, b, bs, b_step, steps, c, cs); break;
+      default: dot_sums<1>(a, as, a_step, b, bs, b_step, steps, c, cs); break;
+    }
+  }
+}
+
 struct AmxAttention {
   // keys, head dim; row lengths of kt and S (keys to a multiple of 64, S's blocks) and of P (to 32,
   // P V's k steps), each one cache line longer: rows a power of two apart share the same few L1 sets
@@ -1295,16 +1342,16 @@ struct AmxAttention {
 
   // queries [q0, q0 + nq) of the head (rows qs elements apart), at positions offset + q0 + i, into
   // out (rows os apart); the tile configuration is loaded
-  template <typename TQ>
-  __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void block(const TQ* q, int64_t qs, TQ* out, int64_t os, int64_t offset,
-                                                                  int64_t q0, int64_t nq, float scale) {
+  // (Tiles: on AMX, the tile configuration loaded; else on vdpbf16ps)
+  template <typename TQ, bool Tiles>
+  void block(const TQ* q, int64_t qs, TQ* out, int64_t os, int64_t offset, int64_t q0, int64_t nq, float scale) {
     for (int64_t i = 0; i < 16; ++i)
       for (int64_t d = 0; d < D; d += 16)
         store16(qb.data() + i * D + d, 0xFFFF, i < nq ? load16(q + (q0 + i) * qs + d) : _mm512_setzero_ps());
     const int64_t ke = offset + q0 + nq;  // keys [0, ke) are seen by some query of the block
     // S = Q K^T, 64 keys (four 16-key tiles) at a time, 32 dims per k step
     for (int64_t j0 = 0; j0 < ke; j0 += 64)
-      tile_sums(reinterpret_cast<const char*>(qb.data()), D * 2, 64, reinterpret_cast<const char*>(kt.data() + j0), Lk * 4,
+      block_sums<Tiles>(reinterpret_cast<const char*>(qb.data()), D * 2, 64, reinterpret_cast<const char*>(kt.data() + j0), Lk * 4,
                 16 * Lk * 4, D / 32, std::min<int64_t>(4, (ke - j0 + 15) / 16), S.data() + j0, Lk * 4);
     // each row's softmax over its c = offset + q0 + i + 1 keys; P is zero past them, to a multiple of 32
     const int64_t kp = (ke + 31) / 32 * 32;
@@ -1336,7 +1383,7 @@ struct AmxAttention {
     }
     // O = P V, 64 dims (four 16-dim tiles) at a time, 32 keys per k step
     for (int64_t dc = 0; dc < D; dc += 64)
-      tile_sums(reinterpret_cast<const char*>(P.data()), Lv * 2, 64, reinterpret_cast<const char*>(vv.data() + dc), D * 4,
+      block_sums<Tiles>(reinterpret_cast<const char*>(P.data()), Lv * 2, 64, reinterpret_cast<const char*>(vv.data() + dc), D * 4,
                 16 * D * 4, kp / 32, std::min<int64_t>(4, (D - dc) / 16), O.data() + dc, D * 4);
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t d = 0; d < D; d += 16)
@@ -1344,13 +1391,10 @@ struct AmxAttention {
   }
 };
 
-// One thread's share of prefill_amx: heads taken from `next` until none is left, each head's K and V
-// laid out once for all its query blocks. Loads the tile configuration first and releases the tiles.
-template <typename TQ>
-__attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_heads(const at::Tensor& q, const at::Tensor& kv, at::Tensor& out,
-                                                                    std::atomic<int64_t>& next) {
-  static const TileConfig cfg;
-  _tile_loadconfig(&cfg);
+// One thread's share of prefill_bf16: heads taken from `next` until none is left, each head's K and V
+// laid out once for all its query blocks.
+template <typename TQ, bool Tiles>
+void bf16_heads(const at::Tensor& q, const at::Tensor& kv, at::Tensor& out, std::atomic<int64_t>& next) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), L = kv.size(0);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const TQ* qp = q.data_ptr<TQ>();
@@ -1360,29 +1404,43 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_heads(const at::T
   for (int64_t h; (h = next.fetch_add(1)) < H;) {
     a.load_head(kvp + h * D, kvp + kv.stride(1) + h * D, kv.stride(0));
     for (int64_t q0 = 0; q0 < T; q0 += 16)
-      a.block<TQ>(qp + h * D, q.stride(0), op + h * D, H * D, L - T, q0, std::min<int64_t>(16, T - q0), scale);
+      a.block<TQ, Tiles>(qp + h * D, q.stride(0), op + h * D, H * D, L - T, q0, std::min<int64_t>(16, T - q0), scale);
   }
+}
+
+// bf16_heads on the tiles: loads the tile configuration first and releases the tiles.
+template <typename TQ>
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_heads(const at::Tensor& q, const at::Tensor& kv, at::Tensor& out,
+                                                                    std::atomic<int64_t>& next) {
+  static const TileConfig cfg;
+  _tile_loadconfig(&cfg);
+  bf16_heads<TQ, true>(q, kv, out, next);
   _tile_release();
 }
 
-// prefill_attention on the tiles (checked arguments, bf16 kv, D a multiple of 32): heads handed
-// out one at a time.
-at::Tensor prefill_amx(const at::Tensor& q, const at::Tensor& kv) {
+// prefill_attention in bf16 products (checked arguments, bf16 kv, D a multiple of 32): on the tiles
+// where the CPU has them, else on vdpbf16ps; heads handed out one at a time.
+at::Tensor prefill_bf16(const at::Tensor& q, const at::Tensor& kv) {
   at::Tensor out = at::empty(q.sizes(), q.options());
   std::atomic<int64_t> next{0};
+  const bool tiles = amx_ready();
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), q.size(1)), 1, [&](int64_t, int64_t) {
-    if (q.scalar_type() == at::kFloat) amx_heads<float>(q, kv, out, next);
-    else amx_heads<at::BFloat16>(q, kv, out, next);
+    const bool qf = q.scalar_type() == at::kFloat;
+    if (tiles && qf) amx_heads<float>(q, kv, out, next);
+    else if (tiles) amx_heads<at::BFloat16>(q, kv, out, next);
+    else if (qf) bf16_heads<float, false>(q, kv, out, next);
+    else bf16_heads<at::BFloat16, false>(q, kv, out, next);
   });
   return out;
 }
 
-// The causal attention of a prompt chunk (see prefill_attention_avx): on the AMX tiles where `tiles`
-// and the CPU has them, the cache is bf16 and head_dim a multiple of 32; else on AVX-512.
-at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool tiles) {
+// The causal attention of a prompt chunk: with `bf16` over a bf16 cache (head_dim a multiple of 32),
+// queries and probabilities rounded to bf16 and the products on the AMX tiles or vdpbf16ps
+// (prefill_bf16); else all in fp32 on AVX-512 (prefill_attention_avx).
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool bf16) {
   check_prefill(q, kv);
-  if (!(tiles && kv.scalar_type() == at::kBFloat16 && q.size(2) % 32 == 0 && amx_ready())) return prefill_attention_avx(q, kv);
-  return prefill_amx(q, kv);
+  if (!(bf16 && kv.scalar_type() == at::kBFloat16 && q.size(2) % 32 == 0)) return prefill_attention_avx(q, kv);
+  return prefill_bf16(q, kv);
 }
 
 // ------------------------------------------------------------------------------ K/V writes
@@ -1553,7 +1611,7 @@ TORCH_LIBRARY(gpt2serve, m) {
   m.def("gelu_tanh_(Tensor(a!) x) -> ()");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens, Tensor? kv_scale=None) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor kv, bool tiles=True) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor kv, bool bf16=True) -> Tensor");
   m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor kv, Tensor(b!)? scale=None) -> ()");
   m.def("decode_layers(Tensor x, Tensor[] params, Tensor(a!) kv, Tensor slot_mapping, Tensor slots, Tensor lens, "
         "int mode, float eps, int n_head, int act, int many, Tensor(b!)? kv_scale=None) -> Tensor");

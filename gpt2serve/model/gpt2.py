@@ -680,6 +680,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
         self.paged_ops = None  # set by prepare_for_serving: gpt2serve/kernels' decode and prompt attention
+        self.prefill_bf16 = False  # prompts over a bf16 cache in bf16 products (prepare_for_serving chooses)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: AttentionMetadata, residual: torch.Tensor) -> torch.Tensor:
         """x: (N, C) after ln_1 -> residual + attention output, (N, C)."""
@@ -747,9 +748,10 @@ class CausalSelfAttention(nn.Module):
         """The kernels' causal attention of one prompt chunk, q (T, H, D), over its own K/V (kv, (T, 2, H,
         D), rounded to the cache's float dtype as decode reads them; an int8 cache's compute_dtype, unquantized)
         or, continuing a context, the cache's rows at ctx_slots (an int8 cache's dequantized). Flash style in fp32 (12 layers of a 512-token prompt: 25-30 ms against SDPA's 52-69
-        fp32 and 73 bf16), on AMX tiles for a bf16 cache where the CPU has them (12-14 ms)."""
+        fp32 and 73 bf16); over a bf16 cache in bf16 products where `prefill_bf16` (AMX tiles: 12-14
+        ms; vdpbf16ps on AMD Zen 4: 18-21 ms against fp32's 34-36 there)."""
         ctx = kv.to(cache.compute_dtype) if ctx_slots is None else cache.rows(layer, ctx_slots)  # (L, 2, H, D)
-        return self.paged_ops.prefill_attention(q, ctx)
+        return self.paged_ops.prefill_attention(q, ctx, self.prefill_bf16)
 
 
 class MLP(nn.Module):
@@ -942,7 +944,38 @@ class GPT2LMHeadModel(nn.Module):
         # reads wte itself, its (out, in) weight); fp32 without them keeps `x @ W`, MKL's GEMV at one row
         self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
         self._decode_layers = DecodeLayers.build(self, gemv)
+        if gemv is not None and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
+            bf16 = self._choose_prompt_attention(gemv)
+            for block in self.transformer.h:
+                block.attn.prefill_bf16 = bf16
         return self
+
+    def _choose_prompt_attention(self, gemv, tokens: int = 256, repeats: int = 3) -> bool:
+        """Whether prompts over a bf16 cache attend with bf16 products (the kernels' prefill_attention
+        with bf16=True: queries and probabilities rounded to bf16, as the cache's K and V are) rather
+        than in fp32. With AMX always (the tiles: 12 layers of a 512-token prompt 29-30 -> 12.5-14 ms
+        on the AMX Xeon); otherwise timed once here on a random `tokens`-token prompt, both taking
+        turns, as vdpbf16ps runs at twice the fp32 FMA rate on AMD Zen 4 (12 layers, 512 tokens: 34-36
+        -> 18-21 ms) but at half of it on the Intel Xeon without AMX we measured. Logged."""
+        import time
+
+        if gemv.amx_available():
+            log.info("prompt attention: bf16 products on the AMX tiles")
+            return True
+        H, D = self.config.n_head, self.config.head_dim
+        qkv = torch.randn(tokens, 3, H, D, generator=torch.Generator().manual_seed(0))  # global RNG untouched
+        q, kv = qkv[:, 0], qkv[:, 1:].to(torch.bfloat16)
+        best = {True: math.inf, False: math.inf}
+        for r in range(repeats + 1):  # round 0 warms both up
+            for bf16 in best:
+                t = time.perf_counter()
+                gemv.prefill_attention(q, kv, bf16)
+                if r:
+                    best[bf16] = min(best[bf16], time.perf_counter() - t)
+        bf16 = best[True] < best[False]
+        log.info("prompt attention: %s products (%d tokens: bf16 %.2f ms, fp32 %.2f ms)", "bf16" if bf16 else "fp32",
+                 tokens, 1e3 * best[True], 1e3 * best[False])
+        return bf16
 
     def _amx_kernels(self, gemv) -> str | None:
         """"amx" where the projections' calls of > 4 rows run the kernels' AMX matmuls (int8 and

@@ -286,6 +286,33 @@ def test_prepare_for_serving_kernels_agree():
         GPT2LMHeadModel(cfg).prepare_for_serving(kernels="fast")
 
 
+@pytest.mark.skipif(not kernels.supported() or not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU lacks AVX-512 VNNI/BF16 (or torch oneDNN bf16): no bf16 cache here")
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_prompt_attention_choice_keeps_the_logits(dtype):
+    """Over a bf16 cache (bf16 and int8 modes) prepare_for_serving picks bf16 or fp32 products for
+    prompt attention once for every block (on AMX always bf16); a whole prompt's logits agree
+    either way within bf16's rounding."""
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=256)  # head_dim 64, as GPT-2's
+    m = _prepared(cfg, dtype, seed=3)
+    assert m.kv_dtype == torch.bfloat16
+    chosen = {b.attn.prefill_bf16 for b in m.transformer.h}
+    assert len(chosen) == 1 and isinstance(chosen.pop(), bool)
+    if kernels.gemv().amx_available():
+        assert m.transformer.h[0].attn.prefill_bf16
+    T = 200
+    ids = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for bf16 in (True, False):
+        for b in m.transformer.h:
+            b.attn.prefill_bf16 = bf16
+        cache = KVCache(cfg, (T + 15) // 16, 16, m.kv_dtype, torch.device("cpu"))  # bf16, as the engine's
+        meta = AttentionMetadata(0, torch.arange(T), None, None, [(0, T, None, None)])
+        logits[bf16] = m.logits(m(ids, torch.arange(T), cache, meta))
+    assert not torch.equal(logits[True], logits[False])  # the two paths really differ
+    assert _rel(logits[True], logits[False]) < 0.02
+
+
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_attention_matches_gather_and_sdpa(dtype):
@@ -513,16 +540,16 @@ def test_kv_write_into_an_int8_cache_is_quantize_kv(src):
                          ids=["fp32", "fp32-q-bf16-kv", "bf16"])
 @pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77), (33, 1024)],
                          ids=["one", "uneven", "long", "continuation", "one-after-context", "end-of-context"])
-@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "avx512"])
-def test_prefill_attention_matches_sdpa(qd, kd, T, L, tiles):
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-products", "fp32-products"])
+def test_prefill_attention_matches_sdpa(qd, kd, T, L, bf16):
     """The kernels' prompt attention: T queries at positions L-T..L-1 (L > T: a continuation chunk
     over its gathered context) equal masked fp32 SDPA, from strided rows as the model passes them
     (q and K/V views of the fused qkv projection), and a key is seen by exactly the queries at or
     after its position: changing the last key moves no earlier query's output by a bit. With
-    `tiles`, a bf16 cache runs on AMX where the CPU has it (queries and probabilities in bf16, so
-    bf16's tolerance), else on AVX-512 in fp32."""
+    `bf16`, a bf16 cache's products run in bf16 (queries and probabilities rounded to bf16, so
+    bf16's tolerance) on AMX where the CPU has it, else on vdpbf16ps; otherwise all in fp32."""
     ops = kernels.gemv()
-    on_tiles = tiles and kd == torch.bfloat16 and ops.amx_available()
+    bf16_products = bf16 and kd == torch.bfloat16
     g = torch.Generator().manual_seed(T * 1000 + L)
     H, D = 3, 64
     qkv = torch.randn(L, 3, H, D, generator=g)
@@ -530,12 +557,12 @@ def test_prefill_attention_matches_sdpa(qd, kd, T, L, tiles):
     mask = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]  # (T, L)
     ref = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], kv[:, 0].float().transpose(0, 1)[None],
                                          kv[:, 1].float().transpose(0, 1)[None], attn_mask=mask)[0].transpose(0, 1)
-    out = ops.prefill_attention(q, kv, tiles)
+    out = ops.prefill_attention(q, kv, bf16)
     assert out.dtype == qd and out.shape == (T, H, D)
-    assert (out.float() - ref).abs().max().item() < (1e-5 if qd == torch.float32 and not on_tiles else 2e-2)
+    assert (out.float() - ref).abs().max().item() < (1e-5 if qd == torch.float32 and not bf16_products else 2e-2)
     kv2 = kv.clone()
     kv2[-1] += 1
-    moved = ops.prefill_attention(q, kv2, tiles)
+    moved = ops.prefill_attention(q, kv2, bf16)
     assert torch.equal(moved[:-1], out[:-1]) and not torch.equal(moved[-1], out[-1])
     with pytest.raises(RuntimeError, match="T <= L"):
         ops.prefill_attention(torch.zeros(L + 1, H, D), kv)
