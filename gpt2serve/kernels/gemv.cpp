@@ -335,17 +335,27 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // GEMV's to the bit), but tiled: weights in panels of 32 output columns, each k-group of 4 inputs
 // one 128-byte row (32 columns x 4 bytes, vpdpbusd's layout), an 8 x 32 tile of int32 sums in 16
 // registers; per 4 k: two loads, 8 broadcasts of 4 x bytes, 16 vpdpbusd.
+// With more than 8 rows the panel is read once per 8-row group, from memory only by the first:
+// each group (`group` of `groups`) also prefetches its share of the next panel into L2, so that
+// the weights stream while the later groups compute on the cached panel (the first group's own
+// prefetch, 2 KiB ahead, then finds them there).
 template <int MR>
 void int8_panel_tile(const uint8_t* xq, const float* xs, int64_t K, const int8_t* panel, const int32_t* wsum,
                      const float* wscale, int64_t m0, int64_t n0, int64_t N, const float* bias, const float* res,
-                     float* y, int64_t act) {
+                     float* y, int64_t act, int64_t group = 0, int64_t groups = 1) {
   __m512i acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   const uint8_t* xr = xq + m0 * K;
+  const char* next = reinterpret_cast<const char*>(panel) + K * 32 + group * K * 32 / groups;  // this group's share
 #pragma GCC unroll 2  // GCC otherwise copies every accumulator between registers each iteration: 32 rows 6.9 -> 5.6 ms
   for (int64_t g = 0; g < K / 4; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch + 64, _MM_HINT_T1);
+    if (groups > 1) {
+      _mm_prefetch(next + g * 128 / groups, _MM_HINT_T1);  // <= 64 bytes a step: every line of the share
+    }
+    if (group == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + g * 128) + kPrefetch + 64, _MM_HINT_T1);
+    }
     const __m512i w0 = _mm512_loadu_si512(panel + g * 128), w1 = _mm512_loadu_si512(panel + g * 128 + 64);
     for (int r = 0; r < MR; ++r) {
       int32_t x4;
@@ -395,11 +405,12 @@ at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t groups = (M + 7) / 8;
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t m0 = 0; m0 < M; m0 += 8)
         with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
           int8_panel_tile<decltype(rows)::value>(a.xq.data(), a.xs.data(), K, wp + p * K * 32, a.wsum, a.wscale, m0, p * 32, N,
-                                                 a.bias, a.res, yp, act);
+                                                 a.bias, a.res, yp, act, m0 / 8, p + 1 < p1 ? groups : 1);
         });
   });
   return y;
