@@ -574,17 +574,25 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
 // core, 235 GFLOP/s, where oneDNN's bf16 linear made ~130 a core at 32 rows). W in the AMX kernel's
 // panels (pack_amx_bf16: 32 columns, each pair of inputs side by side), so one 64-byte load is 16
 // columns x 2 inputs, and a row of x is read as 32-bit pairs, broadcast. An 8 x 32 tile of y lives
-// in 16 registers: per input pair, two loads, 8 broadcasts and 16 dot products.
+// in 16 registers: per input pair, two loads, 8 broadcasts and 16 dot products. With more than 8
+// rows, each 8-row group (`group` of `groups`) prefetches its share of the next panel, as
+// int8_panel_tile does.
 template <int MR, typename T>
 void dot_tile(const at::BFloat16* x, int64_t K, const uint32_t* panel, int64_t m0, int64_t n0, int64_t N, const float* bias,
-              const T* res, T* y, int64_t act) {
+              const T* res, T* y, int64_t act, int64_t group = 0, int64_t groups = 1) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int32_t* xr = reinterpret_cast<const int32_t*>(x + m0 * K);  // pairs of inputs
   const int64_t G = K / 2;
+  const char* next = reinterpret_cast<const char*>(panel + G * 32) + group * G * 128 / groups;  // this group's share
   for (int64_t g = 0; g < G; ++g) {  // panel row g: 32 uint32, columns 0-15 then 16-31, each two inputs
-    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch + 64, _MM_HINT_T1);
+    if (groups > 1) {
+      _mm_prefetch(next + g * 128 / groups, _MM_HINT_T1);  // <= 64 bytes a step: every line of the share
+    }
+    if (group == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + g * 32) + kPrefetch + 64, _MM_HINT_T1);
+    }
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + g * 32), w1 = (__m512bh)_mm512_loadu_si512(panel + g * 32 + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[r * G + g]);
@@ -622,11 +630,13 @@ at::Tensor matmul_bf16_dot(const at::Tensor& x, const at::Tensor& w, int64_t N, 
   // columns, one load per 16 dot products, measured faster with the panel in cache, 32 rows 0.67 ->
   // 0.40 ms for 768 x 3072, but slower streaming the weights from memory, 48 block matmuls 17 -> 20 ms)
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t groups = (M + 7) / 8;
     for (int64_t p = p0; p < p1; ++p) {
       const uint32_t* panel = wp + p * K * 16;
       for (int64_t m0 = 0; m0 < M; m0 += 8)
         with_rows(std::min<int64_t>(8, M - m0), [&](auto rows) {
-          dot_tile<decltype(rows)::value, at::BFloat16>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act);
+          dot_tile<decltype(rows)::value, at::BFloat16>(xp, K, panel, m0, p * 32, N, bp, rp, yp, act, m0 / 8,
+                                                        p + 1 < p1 ? groups : 1);
         });
     }
   });
