@@ -702,105 +702,143 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 // V of each slot), slots: (B, L) int64 cache slots of each context (padded), lens: (B,) int64.
 // Two passes per (sequence, head): scores and their softmax, then the weighted sum of V, in fp32.
 
-template <typename T>
+template <_mm_hint Hint = _MM_HINT_T0, typename T>
 inline void prefetch_head(const T* p, int64_t D) {  // one head's D values of one slot
   for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p) + off, Hint);
 }
 
+// Lane i of the result: the sum of the 16 lanes of v[bitrev4(i)] (v is overwritten). A tree of 15
+// pair combinations, 4 instructions each, where 16 separate horizontal sums take ~10 with long
+// dependency chains: the scores of 16 keys for the price of ~4 horizontal sums.
+inline __m512 sum_lanes16(__m512 (&v)[16]) {
+  // combine(a, b) over blocks of 2s lanes: the lower s lanes of each block a's pair sums, the upper b's
+  auto combine = [](__m512 a, __m512 b, __mmask16 upper, auto swap) {
+    return _mm512_add_ps(_mm512_mask_blend_ps(upper, a, b), swap(_mm512_mask_blend_ps(upper, b, a)));
+  };
+  auto swap8 = [](__m512 x) { return _mm512_shuffle_f32x4(x, x, 0x4E); };
+  auto swap4 = [](__m512 x) { return _mm512_shuffle_f32x4(x, x, 0xB1); };
+  auto swap2 = [](__m512 x) { return _mm512_permute_ps(x, 0x4E); };
+  auto swap1 = [](__m512 x) { return _mm512_permute_ps(x, 0xB1); };
+  for (int i = 0; i < 8; ++i) v[i] = combine(v[2 * i], v[2 * i + 1], 0xFF00, swap8);
+  for (int i = 0; i < 4; ++i) v[i] = combine(v[2 * i], v[2 * i + 1], 0xF0F0, swap4);
+  for (int i = 0; i < 2; ++i) v[i] = combine(v[2 * i], v[2 * i + 1], 0xCCCC, swap2);
+  return combine(v[0], v[1], 0xAAAA, swap1);
+}
+constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// Decode attention's arithmetic for one (sequence, head), shared by both ways of splitting the work
+// (attend: one head per task; attend_seq: every head of a sequence per task), so a sequence's
+// result does not depend on how many others share its batch. Why this shape: one horizontal sum
+// and one scalar exp per (key, head), and the output re-read from memory per key, made the bf16
+// cache's attention compute-bound (batch 32, a context of 96, 12 layers: 8.3-8.9 ms, ~13 GB/s;
+// 5.5 ms over an 8-bit cache).
+//
 // An 8-bit cache (T = int8_t) holds each slot's K and V per head as int8 values and one fp32 scale
 // (ks: (S, 2, H), K's H scales then V's): a score is the int8 dot product times the K scale, and a
 // V row's weight is its probability times the V scale. Float caches pass ks = nullptr.
+
+// The scores of 16 keys of head h (keys j0 + i for i < n; kr[i]: the slot row of key j0 +
+// bitrev4(i), repeated past n), scaled, into s[0..16): 16 dot products summed across lanes at once.
 template <typename T>
-void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
-            int64_t h, float scale, float* scores, float* out) {
-  constexpr bool q8 = std::is_same<T, int8_t>::value;
-  const int64_t row = 2 * H * D;  // elements per slot; D is a multiple of 16, at most 128 (checked)
-  constexpr int64_t kAhead = 8;  // slots ahead: a slot's head sits 2HD elements from the next one's,
-                                 // a stride the hardware prefetchers do not follow (1.6x measured)
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < len; ++j) {
-    if (j + kAhead < len) {
-      const T* nk = kv + slots[j + kAhead] * row + h * D;
-      prefetch_head(nk, D);
-      prefetch_head(nk + H * D, D);  // its V, for the second pass
-    }
-    const T* k = kv + slots[j] * row + h * D;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-    float s = _mm512_reduce_add_ps(acc) * scale;
-    if constexpr (q8) s *= ks[slots[j] * 2 * H + h];
-    scores[j] = s;
-    mx = std::max(mx, s);
+inline void score16(const float* qh, const T* const (&kr)[16], const float* ks, const int64_t* slots, int64_t j0, int64_t n,
+                    int64_t H, int64_t D, int64_t h, float scale, float* s) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) {
+    acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(kr[i] + h * D + d), acc[i]);
   }
-  float sum = 0.f;
-  for (int64_t j = 0; j < len; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
-  const float inv = 1.f / sum;
-  // the weighted sum of V, one slot's head at a time (each read once, front to back)
+  __m512 sc = _mm512_mul_ps(sum_lanes16(acc), _mm512_set1_ps(scale));  // acc[i] held key bitrev4(i): lane i is key i
+  if constexpr (std::is_same<T, int8_t>::value) {
+    alignas(64) float f[16];
+    for (int i = 0; i < 16; ++i) f[i] = ks[slots[j0 + std::min<int64_t>(i, n - 1)] * 2 * H + h];
+    sc = _mm512_mul_ps(sc, _mm512_load_ps(f));
+  }
+  _mm512_storeu_ps(s, sc);
+}
+
+// kr for the block of keys [j0, j0 + n): slot rows in bitrev4 order (score16)
+template <typename T>
+inline void block_rows(const T* kv, const int64_t* slots, int64_t row, int64_t j0, int64_t n, const T* (&kr)[16]) {
+  for (int i = 0; i < 16; ++i) kr[i] = kv + slots[j0 + std::min<int64_t>(kBitrev4[i], n - 1)] * row;
+}
+
+// Head h's softmax over its len scores sh (overwritten by the probabilities, unnormalised) and the
+// weighted sum of its V rows into out (D), with the output in registers.
+template <typename T>
+inline void softmax_values(float* sh, int64_t len, const T* kv, const float* ks, const int64_t* slots, int64_t H, int64_t D,
+                           int64_t h, float* out) {
+  const int64_t row = 2 * H * D;
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < len; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(len - j), sh + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(first_lanes(len - j), exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + j), m)));
+    _mm512_storeu_ps(sh + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
   __m512 acc[8];
   const int64_t nd = D / 16;
   for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_setzero_ps();
   for (int64_t j = 0; j < len; ++j) {
+    if (j + 8 < len) prefetch_head(kv + slots[j + 8] * row + H * D + h * D, D);  // from L2 (or further) into L1
     const T* v = kv + slots[j] * row + H * D + h * D;
-    float p = scores[j] * inv;
-    if constexpr (q8) p *= ks[slots[j] * 2 * H + H + h];
+    float p = sh[j] * inv;
+    if constexpr (std::is_same<T, int8_t>::value) p *= ks[slots[j] * 2 * H + H + h];
     const __m512 w = _mm512_set1_ps(p);
     for (int64_t d = 0; d < nd; ++d) acc[d] = _mm512_fmadd_ps(w, load16(v + 16 * d), acc[d]);
   }
   for (int64_t d = 0; d < nd; ++d) _mm512_storeu_ps(out + 16 * d, acc[d]);
 }
 
-// Every head of one sequence at once: a slot's K (then V) of all heads is one contiguous row of
-// H * D values, read front to back, where attend() reads one head's D values from each slot, a
-// strided walk. The same arithmetic in the same order per head, so the same results. Used when
-// there are enough sequences to share among the threads (batch 32, 12 layers: 9.7 -> 8.6 ms bf16).
-// scores: (H, len) scratch; out: (H, D).
+// One (sequence, head): for batches too small to give each thread whole sequences. The next block's
+// K and V of the head are prefetched: a slot's head sits 2HD elements from the next one's, a stride
+// the hardware prefetchers do not follow (1.6x measured). scores: (len rounded up to 16).
+template <typename T>
+void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+            int64_t h, float scale, float* scores, float* out) {
+  const int64_t row = 2 * H * D;
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    for (int64_t j = j0 + 16; j < std::min<int64_t>(j0 + 32, len); ++j) {  // into L2: a burst this long overruns L1's fill buffers
+      prefetch_head<_MM_HINT_T1>(kv + slots[j] * row + h * D, D);
+      prefetch_head<_MM_HINT_T1>(kv + slots[j] * row + H * D + h * D, D);  // its V, for the second pass
+      if constexpr (std::is_same<T, int8_t>::value) _mm_prefetch(reinterpret_cast<const char*>(ks + slots[j] * 2 * H + h), _MM_HINT_T1);
+    }
+    const T* kr[16];
+    block_rows(kv, slots, row, j0, std::min<int64_t>(16, len - j0), kr);
+    score16(q, kr, ks, slots, j0, std::min<int64_t>(16, len - j0), H, D, h, scale, scores + j0);
+  }
+  softmax_values(scores, len, kv, ks, slots, H, D, h, out);
+}
+
+// Every head of one sequence at once, for batches with a few sequences per thread: a slot's K and V
+// of all heads are one contiguous row (1.5-3 KiB), each block of 16 slots' rows prefetched into L2
+// while the block before it is scored, spread over its heads, so the second pass reads V from L2.
+// Batch 32, a context of 96, 12 layers (Zen 4): bf16 cache 8.3-8.9 -> 5.2-5.6 ms, 8-bit 5.5 -> 4.2.
+// scores: (H, len rounded up to 16) scratch; out: (H, D).
 template <typename T>
 void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
                 float scale, float* scores, float* out) {
-  constexpr bool q8 = std::is_same<T, int8_t>::value;
-  const int64_t row = 2 * H * D;
-  std::vector<float> mx(H, -INFINITY);
-  for (int64_t j = 0; j < len; ++j) {
-    const T* k = kv + slots[j] * row;
-    // four slots ahead, the rows' K and V (each row 1.5-3 KiB contiguous), into L2: 12 layers of 32
-    // sequences x 150 tokens, bf16, took 14.3 -> 8.1-9.3 ms against two slots ahead into L1 (T0), whose
-    // fill buffers a whole row's prefetches overrun (Zen 4; 2-6 slots ahead were alike)
-    if (j + 4 < len) {
-      const char* n = reinterpret_cast<const char*>(kv + slots[j + 4] * row);
-      for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(n + off, _MM_HINT_T1);
-      if constexpr (q8) {
-        const char* sn = reinterpret_cast<const char*>(ks + slots[j + 4] * 2 * H);
-        for (int64_t off = 0; off < 2 * H * 4; off += 64) _mm_prefetch(sn + off, _MM_HINT_T1);
-      }
-    }
+  const int64_t row = 2 * H * D, Lp = (len + 15) / 16 * 16;
+  const int64_t lines = (row * static_cast<int64_t>(sizeof(T)) + 63) / 64;  // cache lines of a slot's row
+  const int64_t per_head = (16 * lines + H - 1) / H;                        // the next block's lines per head
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - j0), nn = std::min<int64_t>(16, len - j0 - 16);
+    const T* kr[16];
+    block_rows(kv, slots, row, j0, n, kr);
     for (int64_t h = 0; h < H; ++h) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), load16(k + h * D + d), acc);
-      float sc = _mm512_reduce_add_ps(acc) * scale;
-      if constexpr (q8) sc *= ks[slots[j] * 2 * H + h];
-      scores[h * len + j] = sc;
-      mx[h] = std::max(mx[h], sc);
+      for (int64_t l = h * per_head; l < std::min<int64_t>((h + 1) * per_head, nn * lines); ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(kv + slots[j0 + 16 + l / lines] * row) + 64 * (l % lines), _MM_HINT_T1);
+      if constexpr (std::is_same<T, int8_t>::value)  // an 8-bit cache's scales of the next block, spread over the heads
+        for (int64_t i = h * 16 / H; i < std::min<int64_t>((h + 1) * 16 / H, nn); ++i)
+          for (int64_t off = 0; off < 2 * H * 4; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ks + slots[j0 + 16 + i] * 2 * H) + off, _MM_HINT_T1);
+      score16(q + h * D, kr, ks, slots, j0, n, H, D, h, scale, scores + h * Lp + j0);
     }
   }
-  std::vector<float> inv(H);
-  for (int64_t h = 0; h < H; ++h) {
-    float sum = 0.f;
-    float* sh = scores + h * len;
-    for (int64_t j = 0; j < len; ++j) sum += (sh[j] = std::exp(sh[j] - mx[h]));
-    inv[h] = 1.f / sum;
-  }
-  for (int64_t i = 0; i < H * D; ++i) out[i] = 0.f;
-  for (int64_t j = 0; j < len; ++j) {
-    const T* v = kv + slots[j] * row + H * D;
-    for (int64_t h = 0; h < H; ++h) {
-      float p = scores[h * len + j] * inv[h];
-      if constexpr (q8) p *= ks[slots[j] * 2 * H + H + h];
-      const __m512 w = _mm512_set1_ps(p);
-      for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_ps(out + h * D + d, _mm512_fmadd_ps(w, load16(v + h * D + d), _mm512_loadu_ps(out + h * D + d)));
-    }
-  }
+  for (int64_t h = 0; h < H; ++h) softmax_values(scores + h * Lp, len, kv, ks, slots, H, D, h, out + h * D);
 }
 
 // The arguments' shapes for B queries of H heads of D values, and every length and slot in range
@@ -857,14 +895,14 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
       // stage), and equal halves of the batch would leave one thread waiting for the other
       std::atomic<int64_t> next{0};
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        std::vector<float> scores(H * L);
+        std::vector<float> scores(H * ((L + 15) / 16 * 16));
         for (int64_t b; (b = next.fetch_add(1)) < B;)
           attend_seq<T>(qp + b * H * D, kvp, ks, sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
       });
       return;
     }
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores(L);
+      std::vector<float> scores((L + 15) / 16 * 16);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, h = i % H;
         attend<T>(qp + (b * H + h) * D, kvp, ks, sp + b * L, lp[b], H, D, h, scale, scores.data(), op + (b * H + h) * D);
