@@ -749,10 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         summarize(report)
         md = format_markdown(report)
         print(md)
-        if args.json_path:
-            Path(args.json_path).write_text(json.dumps(report, indent=2))
-        if args.md_path:
-            Path(args.md_path).write_text(md + "\n")
+        for path, text in ((args.json_path, json.dumps(report, indent=2)), (args.md_path, md + "\n")):
+            if path:  # the folder too: `make bench-peers` on a fresh clone has no bench-results/ yet
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(text)
         return 0
     finally:
         if tmp:

@@ -10,10 +10,10 @@ from .conftest import TINY
 
 
 def test_peers_quick_transformers_and_ours(tmp_path, capsys):
-    out = tmp_path / "peers.json"
+    out = tmp_path / "bench-results" / "peers.json"  # a folder not there yet, as on a fresh clone
     rc = peers.main(["--quick", "--engines", "transformers,ours", "--dtypes", "transformers:float32,ours:float32,ours:bfloat16",
                      "--config", json.dumps(TINY), "--batches", "1,2", "--new-tokens", "4", "--prefill-len", "16",
-                     "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "peers.md")])
+                     "--work-dir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "bench-results" / "peers.md")])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["model"]["n_layer"] == 2 and report["workload"]["new_tokens"] == 4
@@ -34,7 +34,7 @@ def test_peers_quick_transformers_and_ours(tmp_path, capsys):
     assert report["hardware"]["bandwidth"]["read_gbs"] > 0
     assert set(report["ceilings"]["float32"]) == {"decode_b1", "decode_b2", "prefill_16"}
     assert {(s["class"], s["metric"]) for s in report["summary"]} >= {("float32", "decode_b1"), ("bfloat16", "decode_b2")}
-    md = (tmp_path / "peers.md").read_text()
+    md = (tmp_path / "bench-results" / "peers.md").read_text()
     assert "ours / best peer" in md and "Hardware ceilings" in md
     assert md.strip() in capsys.readouterr().out
 
