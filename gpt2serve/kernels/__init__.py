@@ -5,7 +5,8 @@ rows), `matmul_int8_panels` / `matmul_int8` (int8 projections of 5-63 / more row
 and fp32 projections of many rows, fp32 FMAs) and `matmul_bf16_dot` (bf16, `vdpbf16ps`), `matmul_int8_amx` /
 `matmul_bf16_amx` (the same on AMX tiles, where `amx_available()`), `decode_attention` (one query per
 sequence over the paged KV cache, fp32, bf16 or int8 with scales, read in place), `kv_write` (a step's K/V
-into that cache), `argmax_rows` (the sampler's argmax), `prefill_attention` (a prompt chunk's causal attention, on AMX tiles for a bf16 cache where it can) and
+into that cache), `argmax_rows` (the sampler's argmax), `prefill_attention` (a prompt chunk's causal attention; over a bf16 cache optionally in bf16 products, on AMX tiles
+or `vdpbf16ps`) and
 `decode_layers` (every block of a decode step), or
 None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed
 build); callers then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++

@@ -406,19 +406,26 @@ def panels_win(make, weight: torch.Tensor, rival: str = "onednn", rows: int = 32
     (8.9-10.2, 28, 420-430). fp32 (the Intel Xeon): 8 rows 8.5 vs 11.0, 32 rows 20.9 vs 23.1, 512
     rows alike. int8 (against fbgemm, at 12 rows: below AMX's oneDNN): 8 rows 2.1 vs 3.4 ms, 32 rows
     5.6 vs 7.2. The losers' copies of the weights are not kept."""
-    import time
-
     x = torch.randn(rows, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)  # global RNG untouched
     kinds = [*ours, rival]
     mods = [make(weight, k) for k in kinds]
-    best = [math.inf] * len(kinds)
+    return fastest({k: (lambda m=m: m(x)) for k, m in zip(kinds, mods)}, repeats)
+
+
+def fastest(fns: dict, repeats: int = 3) -> tuple[object, dict[object, float]]:
+    """Time each of `fns` (name -> zero-argument callable) `repeats` times, taking turns after one
+    warm-up round: (the fastest one's name, each one's best ms). Taking turns, so that a phase of
+    this machine's drifting speed does not favour whichever ran first."""
+    import time
+
+    best = dict.fromkeys(fns, math.inf)
     for r in range(repeats + 1):  # round 0 warms them up
-        for i, m in enumerate(mods):
+        for k, fn in fns.items():
             t = time.perf_counter()
-            m(x)
+            fn()
             if r:
-                best[i] = min(best[i], time.perf_counter() - t)
-    ms = {k: b * 1e3 for k, b in zip(kinds, best)}
+                best[k] = min(best[k], time.perf_counter() - t)
+    ms = {k: b * 1e3 for k, b in best.items()}
     return min(ms, key=ms.get), ms
 
 
@@ -957,25 +964,16 @@ class GPT2LMHeadModel(nn.Module):
         on the AMX Xeon); otherwise timed once here on a random `tokens`-token prompt, both taking
         turns, as vdpbf16ps runs at twice the fp32 FMA rate on AMD Zen 4 (12 layers, 512 tokens: 34-36
         -> 18-21 ms) but at half of it on the Intel Xeon without AMX we measured. Logged."""
-        import time
-
         if gemv.amx_available():
             log.info("prompt attention: bf16 products on the AMX tiles")
             return True
         H, D = self.config.n_head, self.config.head_dim
         qkv = torch.randn(tokens, 3, H, D, generator=torch.Generator().manual_seed(0))  # global RNG untouched
         q, kv = qkv[:, 0], qkv[:, 1:].to(torch.bfloat16)
-        best = {True: math.inf, False: math.inf}
-        for r in range(repeats + 1):  # round 0 warms both up
-            for bf16 in best:
-                t = time.perf_counter()
-                gemv.prefill_attention(q, kv, bf16)
-                if r:
-                    best[bf16] = min(best[bf16], time.perf_counter() - t)
-        bf16 = best[True] < best[False]
-        log.info("prompt attention: %s products (%d tokens: bf16 %.2f ms, fp32 %.2f ms)", "bf16" if bf16 else "fp32",
-                 tokens, 1e3 * best[True], 1e3 * best[False])
-        return bf16
+        kind, ms = fastest({k: (lambda b=b: gemv.prefill_attention(q, kv, b)) for k, b in (("bf16", True), ("fp32", False))},
+                           repeats)
+        log.info("prompt attention: %s products (%d tokens: bf16 %.2f ms, fp32 %.2f ms)", kind, tokens, ms["bf16"], ms["fp32"])
+        return kind == "bf16"
 
     def _amx_kernels(self, gemv) -> str | None:
         """"amx" where the projections' calls of > 4 rows run the kernels' AMX matmuls (int8 and
