@@ -1267,7 +1267,9 @@ at::Tensor matmul_bf16_amx(const at::Tensor& x, const at::Tensor& w, int64_t N, 
 }
 
 // ------------------------------------------------------------------- prompt attention on the tiles
-// prefill_attention over a bf16 cache (the bf16 and int8 modes') on AMX: per head, per block of 16
+// prefill_attention over a bf16 cache (the bf16 and int8 modes') on AMX, or the same sums on
+// vdpbf16ps without it (dot_sums: AMD Zen 4, 12 layers of a 512-token prompt 34-36 ms in the fp32
+// kernel -> 18-21): per head, per block of 16
 // queries, S = Q K^T on tdpbf16ps (fp32 sums), an exact softmax of each query's row in fp32 over all
 // its keys at once (a row of at most n_ctx scores sits in L1/L2, so no online rescaling), the
 // probabilities rounded to bf16, and O = P V on the tiles, divided by the sum of the rounded
