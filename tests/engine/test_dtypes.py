@@ -1,7 +1,7 @@
 """bf16 and int8 modes against fp32 on the same random GPT-2 124M weights.
 
 Measured tolerances (random 124M weights, prompt logprobs over 3 prompts): bf16 max |diff| ~0.018,
-int8 ~0.046-0.055 nats; the asserts leave 3x room. Greedy agreement over 20 tokens is printed (-s) and
+int8 ~0.046-0.058 nats; the asserts leave 3x room. Greedy agreement over 20 tokens is printed (-s) and
 must hold for most prompts: random weights make near-ties common, so a flip is not a bug. (With the
 AMX kernels, int8 agrees on 3/4: the second prompt's first token, where fp32's top two differ by
 0.006 nats. oneDNN with 7-bit activations happens to agree 4/4 but doubles the mean logprob error,
