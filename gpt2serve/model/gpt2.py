@@ -896,7 +896,8 @@ class GPT2LMHeadModel(nn.Module):
         - int8: every Conv1D becomes Int8Conv1D and the head is int8 as well; the embeddings stay
           in float for the lookup. With AMX, calls of many rows run on oneDNN (see Int8Conv1D).
           The KV cache is bf16 where the CPU computes bf16 natively (`kv_dtype`).
-        - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D.
+        - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D; on a CPU
+          without native bf16 the (bf16-rounded) weights widen to fp32 and it runs as fp32 does.
         - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use;
           decode attention (every dtype) reads the paged cache in place with the kernel there.
         kernels: "auto" (the above) or "torch" (plain torch ops only, for comparisons: the int8
@@ -908,6 +909,16 @@ class GPT2LMHeadModel(nn.Module):
             return self  # already laid out: the float Conv1D weights may be gone
         self._prepared = True
         wte = self.transformer.wte.weight.detach()
+        if (kernels == "auto" and not int8 and wte.dtype == torch.bfloat16 and wte.device.type == "cpu"
+                and not Bf16Conv1D.supported(wte.dtype, wte.device)):
+            # no native bf16 here (no AVX512-BF16 / AMX, e.g. AVX2 laptops, AMD Zen 3): torch's bf16 matmuls
+            # fall back to a scalar path, ~60x slower than fp32 (AMD EPYC Zen 3: a 768x2304 projection of
+            # one row 49 ms vs 0.76; prefill of 512 tokens 100 s vs 0.9). The bf16-rounded weights widen to
+            # fp32 exactly, so the model stays the bf16 model, computed in fp32 at fp32's speed.
+            log.warning("bfloat16 on a CPU without native bf16: the bf16 weights are computed in fp32 "
+                        "(torch's bf16 matmuls are ~60x slower here)")
+            self.float()
+            wte = self.transformer.wte.weight.detach()
         self.kv_dtype = wte.dtype
         replace = None
         fp32 = False

@@ -290,6 +290,22 @@ def test_prepare_for_serving_kernels_agree():
         GPT2LMHeadModel(cfg).prepare_for_serving(kernels="fast")
 
 
+def test_bf16_without_native_bf16_is_its_fp32_model(monkeypatch):
+    """On a CPU without native bf16 (torch's bf16 matmuls ~60x slower than fp32 there) a bf16 model is
+    served as the fp32 model of its bf16-rounded weights: the same logits to the bit, an fp32 cache.
+    Forced here on every CPU; "torch" kernels (the comparison mode) keep bf16."""
+    monkeypatch.setattr(Bf16Conv1D, "supported", staticmethod(lambda dtype, device: False))
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    served = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16).prepare_for_serving()
+    widened = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16).float().prepare_for_serving()
+    assert served.kv_dtype == torch.float32 and all(p.dtype == torch.float32 for p in served.parameters())
+    with torch.inference_mode():
+        assert torch.equal(forward_logits(served, ids), forward_logits(widened, ids))
+    plain = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16).prepare_for_serving(kernels="torch")
+    assert plain.kv_dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(not kernels.supported() or not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU lacks AVX-512 VNNI/BF16 (or torch oneDNN bf16): no bf16 cache here")
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
