@@ -8,8 +8,12 @@ sequence over the paged KV cache, fp32, bf16 or int8 with scales, read in place)
 into that cache), `argmax_rows` (the sampler's argmax), `prefill_attention` (a prompt chunk's causal attention; over a bf16 cache optionally in bf16 products, on AMX tiles
 or `vdpbf16ps`) and
 `decode_layers` (every block of a decode step), or
-None when they cannot be had here (not x86 with AVX-512 VNNI and BF16, no C++ compiler, a failed
-build); callers then keep torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
+On x86 CPUs with AVX2 and FMA but not those (AMD Zen 2/3, most laptops) it returns
+`torch.ops.gpt2serve_avx2` instead (gemv_avx2.cpp): the same schemas for the GEMVs (int8, fp32), GELU,
+argmax, decode and prompt attention and K/V writes, without the many-row matmuls, bf16/AMX products or
+decode_layers (callers check with `has_many_rows` / hasattr and keep torch's kernels for those).
+None when neither can be had here (no AVX2, no C++ compiler, a failed build); callers then keep
+torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
 compiler) into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
 named by a hash of the source, flags and torch version, so it is built once per machine and version
 (~15 s on 2 cores) and loaded from there afterwards. It links the same libgomp as torch, so at::parallel_for
@@ -30,6 +34,9 @@ log = logging.getLogger("gpt2serve.kernels")
 SOURCE = Path(__file__).with_name("gemv.cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-fopenmp"]
+SOURCE_AVX2 = Path(__file__).with_name("gemv_avx2.cpp")
+REQUIRED_FLAGS_AVX2 = ("avx2", "fma")
+CFLAGS_AVX2 = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -47,32 +54,60 @@ def cpu_flags() -> set[str]:
 
 
 def supported() -> bool:
-    """Whether this CPU runs the kernels (the build is a separate question: see gemv())."""
+    """Whether this CPU runs the AVX-512 kernels (the build is a separate question: see gemv())."""
     return platform.machine() in ("x86_64", "AMD64") and all(f in cpu_flags() for f in REQUIRED_FLAGS)
 
 
-def gemv():
-    """The `torch.ops.gpt2serve` namespace with gemv_int8 / gemv_bf16 / gemv_f32 / decode_attention, or None
-    (see the module doc)."""
+def supported_avx2() -> bool:
+    """Whether this CPU runs the AVX2 kernels (gemv_avx2.cpp; every AVX-512 CPU does too)."""
+    return platform.machine() in ("x86_64", "AMD64") and all(f in cpu_flags() for f in REQUIRED_FLAGS_AVX2)
+
+
+def has_many_rows(ops) -> bool:
+    """Whether `ops` has the many-row matmuls (panels, bf16 dot products): the AVX-512 build only."""
+    return ops is not None and hasattr(ops, "matmul_panels")
+
+
+def _build(key: str, source: Path, cflags: list[str], namespace: str):
+    """Compile `source` once per machine and torch version (see the module doc) and return
+    torch.ops.<namespace>, or None (logged) where that fails."""
     with _lock:
-        if "ops" in _state:
-            return _state["ops"]
-        _state["ops"] = None
-        if not supported():
-            log.info("small-batch kernels: this CPU lacks AVX-512 VNNI/BF16; using torch's kernels")
-            return None
+        if key in _state:
+            return _state[key]
+        _state[key] = None
         try:
             import torch
             from torch.utils import cpp_extension
 
-            digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+            digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
             t0 = time.perf_counter()
-            cpp_extension.load(name=f"gpt2serve_gemv_{digest}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+            cpp_extension.load(name=f"{source.stem}_{digest}", sources=[str(source)], extra_cflags=cflags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-            ops = torch.ops.gpt2serve
-            ops.gemv_int8, ops.gemv_bf16  # noqa: B018 - raises if registration failed
-            _state["ops"] = ops
-            log.info("small-batch kernels ready (%.1f s)", time.perf_counter() - t0)
+            ops = getattr(torch.ops, namespace)
+            ops.gemv_int8, ops.gemv_f32  # noqa: B018 - raises if registration failed
+            _state[key] = ops
+            log.info("%s kernels ready (%.1f s)", key, time.perf_counter() - t0)
         except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels still work
-            log.warning("small-batch kernels unavailable, using torch's kernels: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return _state["ops"]
+            log.warning("%s kernels unavailable, using torch's kernels: %s", key,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _state[key]
+
+
+def gemv_avx2():
+    """The AVX2 build (`torch.ops.gpt2serve_avx2`), or None: what gemv() returns on CPUs without
+    AVX-512 VNNI/BF16; loadable on any AVX2 CPU (the tests check it beside the AVX-512 one)."""
+    if not supported_avx2():
+        return None
+    return _build("AVX2", SOURCE_AVX2, CFLAGS_AVX2, "gpt2serve_avx2")
+
+
+def gemv():
+    """The `torch.ops.gpt2serve` namespace (AVX-512) or `torch.ops.gpt2serve_avx2` (AVX2 without
+    AVX-512 VNNI/BF16), or None (see the module doc)."""
+    if supported():
+        return _build("AVX-512", SOURCE, CFLAGS, "gpt2serve")
+    if supported_avx2():
+        log.info("this CPU lacks AVX-512 VNNI/BF16: the AVX2 kernels (GEMV, attention), torch's for the rest")
+        return gemv_avx2()
+    log.info("small-batch kernels: this CPU lacks AVX2; using torch's kernels")
+    return None

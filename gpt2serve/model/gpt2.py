@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2serve.kernels import has_many_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -603,8 +605,8 @@ class Int8Conv1D(nn.Module):
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
-        if rows >= self.matmul_rows:
-            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
+        if rows >= self.matmul_rows:  # the AVX2 build has no matmul_int8: fbgemm then
+            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a) if hasattr(self.gemv, "matmul_int8") else None
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         return None
@@ -1002,7 +1004,7 @@ class GPT2LMHeadModel(nn.Module):
         kernels' matmuls (`ours`) and `rival`'s, timed once on layer 0's c_fc (panels_win). Kept in
         `self.many_rows` and logged."""
         many = rival
-        if gemv is not None:
+        if has_many_rows(gemv):  # the AVX-512 build (the AVX2 one leaves these to torch's kernels)
             many, ms = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach(), rival=rival, rows=rows, ours=ours)
             log.info("matmuls of > 4 rows: %s (c_fc at %d rows: %s)", many, rows,
                      ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))

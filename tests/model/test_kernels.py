@@ -75,6 +75,21 @@ def _need_amx(many: str = "amx") -> None:
 GEMV = pytest.param(True, marks=pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the GEMV kernels are not used here"), id="gemv")
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def ops(request):
+    """Each build of the kernels this CPU runs: AVX-512 (gemv.cpp) and AVX2 (gemv_avx2.cpp, what CPUs
+    without AVX-512 VNNI/BF16 get; every AVX-512 CPU runs it too), for the ops both builds have."""
+    if request.param == "avx512":
+        if not kernels.supported():
+            pytest.skip("this CPU lacks AVX-512 VNNI/BF16: the AVX-512 kernels are not used here")
+        return kernels.gemv()
+    if not kernels.supported_avx2():
+        pytest.skip("this CPU lacks AVX2: no kernels are used here")
+    ops = kernels.gemv_avx2()
+    assert ops is not None, "the AVX2 kernels failed to build"
+    return ops
+
+
 def test_gemv_builds_where_supported(tmp_path):
     """Where the CPU runs the kernels, they must build (CI has a compiler and ninja): a silent
     fallback to torch's kernels would hide a broken build. The first build goes into an empty
@@ -90,6 +105,59 @@ def test_gemv_builds_where_supported(tmp_path):
     assert ops is not None
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         ops.gemv_bf16(torch.zeros(9, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16), None, None, 0)
+
+
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+def test_avx2_kernels_build_and_serve_cpus_without_avx512(tmp_path):
+    """The AVX2 build must build from an empty extensions folder in a fresh interpreter (no silent
+    fallback), and it is what gemv() hands out exactly where the AVX-512 one is not supported."""
+    code = "import sys; from gpt2serve.kernels import gemv_avx2; sys.exit(0 if gemv_avx2() is not None else 3)"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any((tmp_path / "ext").rglob("*.so")), "no shared object was built"
+    avx2 = kernels.gemv_avx2()
+    assert (kernels.gemv() is avx2) == (not kernels.supported())
+    assert not kernels.has_many_rows(avx2) and kernels.has_many_rows(kernels.gemv()) == kernels.supported()
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        avx2.gemv_f32(torch.zeros(9, 64), torch.zeros(8, 64), None, None, 0)
+
+
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+def test_avx2_gemv_int8_is_the_exact_integer_product():
+    """AVX2's int8 GEMV (vpmaddubsw on |x| and sign-flipped weights, no VNNI) gives the exact integer
+    dot products of the per-row quantised x and the weights, then the GEMV's epilogue: against that
+    computed in float64 here, for 1-8 rows, full-range activations (+-127 everywhere: the pairs that
+    would saturate int16 with a u8 zero point), each activation."""
+    ops = kernels.gemv_avx2()
+    g = torch.Generator().manual_seed(3)
+    K, N = 768, 333
+    ref = _conv(K, N)
+    m = Int8Conv1D(ref.weight, ref.bias, gemv=ops, many="fbgemm")
+    m.q[:, :64] = 127  # with x = +-127 there: pairs of 2 * 127 * 127, beyond int16 for u8 = q + 128
+    for rows in range(1, 9):
+        x = torch.randn(rows, K, generator=g)
+        x[:, :64] = torch.where(torch.rand(rows, 64, generator=g) < 0.5, -1.0, 1.0) * x.abs().amax()
+        res = torch.randn(rows, N, generator=g)
+        s = x.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.clamp(torch.round(x * (1 / s)), -127, 127)
+        pre = (q.double() @ m.q.double().t()).float() * s * m.scale + m.bias
+        for act, f in ((0, lambda y: y), (1, lambda y: F.gelu(y, approximate="tanh")), (2, F.gelu)):
+            got = ops.gemv_int8(x, m.q, m.qsum, m.scale, m.bias, res, act)
+            assert (got - (f(pre) + res)).abs().max().item() < 1e-5, (rows, act)
+
+
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_avx2_projections_match_conv1d(kind):
+    """The projection modules as prepare_for_serving makes them on an AVX2 CPU (the AVX2 GEMV up to 4
+    rows, fbgemm / oneDNN above: the AVX2 build has no many-row kernels) compute what Conv1D does."""
+    ops = kernels.gemv_avx2()
+    ref = _conv(128, 384)
+    if kind == "int8":
+        _check(Int8Conv1D(ref.weight, ref.bias, gemv=ops, many="fbgemm"), ref, torch.float32, 0.03)
+    else:
+        _check(F32Conv1D(ref.weight, ref.bias, gelu_ops=ops, gemv=ops, many="onednn"), ref, torch.float32, 1e-5)
 
 
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
@@ -333,12 +401,10 @@ def test_prompt_attention_choice_keeps_the_logits(dtype):
     assert _rel(logits[True], logits[False]) < 0.02
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_decode_attention_matches_gather_and_sdpa(dtype):
+def test_decode_attention_matches_gather_and_sdpa(dtype, ops):
     """The paged decode-attention kernel equals the torch path (gather the contexts, masked SDPA)
     on scattered slots and uneven lengths, including a length-1 context."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(0)
     S, H, D, B, L = 512, 4, 64, 5, 37
     kv = torch.randn(S, 2, H, D, generator=g).to(dtype)
@@ -361,12 +427,10 @@ def test_decode_attention_matches_gather_and_sdpa(dtype):
         ops.decode_attention(q, kv, torch.full((B, L), S), lens)
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows():
+def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows(ops):
     """An 8-bit cache (int8 values, a scale per slot, K/V and head): the kernel equals SDPA over the
     dequantized contexts, on both of its paths (a sequence per task and a (sequence, head) per task,
     the same arithmetic), and refuses an int8 cache without its scales."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(2)
     S, H, D, B, L = 512, 4, 64, 5, 37
     kv, scale = quantize_kv(torch.randn(S, 2, H, D, generator=g) * torch.rand(S, 2, H, 1, generator=g) * 4)
@@ -386,13 +450,11 @@ def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows():
         ops.decode_attention(q, ctx.new_zeros(S, 2, H, D), slots, lens, scale)
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("V", [1, 15, 16, 50257])
-def test_argmax_rows_is_torch_argmax(V):
+def test_argmax_rows_is_torch_argmax(V, ops):
     """The sampler's argmax: each row's first index of its maximum, as torch.argmax, with ties inside
     and across vector lanes, -inf (masked) entries, a row all -inf, and widths that are not a
     multiple of 16."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(V)
     x = torch.randint(-4, 5, (37, V), generator=g).float()  # small integers: many ties
     x[1] = float("-inf")
@@ -405,11 +467,9 @@ def test_argmax_rows_is_torch_argmax(V):
         ops.argmax_rows(x.double())
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-def test_gelu_tanh_matches_torch():
+def test_gelu_tanh_matches_torch(ops):
     """GPT-2's GELU in place, against torch's tanh form: every size (a masked tail when the count is
     not a multiple of 16), large magnitudes of both signs (exp's clamp), infinities."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(0)
     for shape in [(1, 3072), (5, 17), (32, 3072), (3,)]:
         x = torch.randn(shape, generator=g) * 4
@@ -506,14 +566,12 @@ def test_causal_attention_matches_sdpa(T):
         assert torch.equal(moved[:, :-1], out[:, :-1]) and not torch.equal(moved[:, -1], out[:, -1])
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "fp32-into-bf16", "bf16"])
-def test_kv_write_is_index_copy(src, cache):
+def test_kv_write_is_index_copy(src, cache, ops):
     """kv_write puts each row of K/V (a strided view of the fused qkv output, as the model passes
     it) at its slot, rounded to the cache's dtype exactly as `.to` + index_copy_ do, touches no
     other slot, and refuses a slot outside the cache."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(5)
     N, H, D, S = 37, 3, 64, 100
     qkv = torch.randn(N, 3 * H * D, generator=g).to(src)
@@ -528,12 +586,10 @@ def test_kv_write_is_index_copy(src, cache):
         ops.kv_write(got, torch.full((N,), S), kv)
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("src", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kv_write_into_an_int8_cache_is_quantize_kv(src):
+def test_kv_write_into_an_int8_cache_is_quantize_kv(src, ops):
     """Into an 8-bit cache kv_write stores each head's K and V as quantize_kv does (the torch path's
     write, the same bits), with its scale, touching no other slot; a zero head gets scale 0."""
-    ops = kernels.gemv()
     g = torch.Generator().manual_seed(6)
     N, H, D, S = 37, 3, 64, 100
     qkv = (torch.randn(N, 3 * H * D, generator=g) * 3).to(src)
@@ -555,20 +611,18 @@ def test_kv_write_into_an_int8_cache_is_quantize_kv(src):
         ops.kv_write(cache, slots, kv)
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("qd,kd", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "fp32-q-bf16-kv", "bf16"])
 @pytest.mark.parametrize("T,L", [(1, 1), (70, 70), (300, 300), (37, 100), (1, 77), (33, 1024)],
                          ids=["one", "uneven", "long", "continuation", "one-after-context", "end-of-context"])
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16-products", "fp32-products"])
-def test_prefill_attention_matches_sdpa(qd, kd, T, L, bf16):
+def test_prefill_attention_matches_sdpa(qd, kd, T, L, bf16, ops):
     """The kernels' prompt attention: T queries at positions L-T..L-1 (L > T: a continuation chunk
     over its gathered context) equal masked fp32 SDPA, from strided rows as the model passes them
     (q and K/V views of the fused qkv projection), and a key is seen by exactly the queries at or
     after its position: changing the last key moves no earlier query's output by a bit. With
     `bf16`, a bf16 cache's products run in bf16 (queries and probabilities rounded to bf16, so
     bf16's tolerance) on AMX where the CPU has it, else on vdpbf16ps; otherwise all in fp32."""
-    ops = kernels.gemv()
     bf16_products = bf16 and kd == torch.bfloat16
     g = torch.Generator().manual_seed(T * 1000 + L)
     H, D = 3, 64
