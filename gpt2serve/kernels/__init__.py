@@ -68,6 +68,11 @@ def has_many_rows(ops) -> bool:
     return ops is not None and hasattr(ops, "matmul_panels")
 
 
+def is_avx2(ops) -> bool:
+    """Whether `ops` is the AVX2 build (whose gemv_f32 also takes bf16 weights)."""
+    return ops is not None and ops is _state.get("AVX2")
+
+
 def _build(key: str, source: Path, cflags: list[str], namespace: str):
     """Compile `source` once per machine and torch version (see the module doc) and return
     torch.ops.<namespace>, or None (logged) where that fails."""

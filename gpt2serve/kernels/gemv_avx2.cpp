@@ -5,7 +5,8 @@
 // Why by hand, measured on an AMD EPYC Zen 3 (2 cores, ~13 GB/s read), int8 batch 1: fbgemm's
 // dynamic linear of one row was ~70% of a step and read its weights at ~8 GB/s; gathering each
 // layer's context (index_select) for SDPA another ~20%. Here:
-// - gemv_int8 / gemv_f32: y = act(x W^T + bias) (+ residual) for 1 to 8 rows, W (out, in) streamed
+// - gemv_int8 / gemv_f32: y = act(x W^T + bias) (+ residual) for 1 to 8 rows (gemv_f32's W in fp32,
+//   or in bf16 for a bf16 model, widened in registers), W (out, in) streamed
 //   once, front to back, with prefetch, as gemv.cpp does. int8 has no VNNI here: vpmaddubsw
 //   multiplies u8 by s8 into saturating int16 pairs, so x (quantised per row to [-127, 127], as
 //   gemv.cpp's quantize_row) goes in as |x| and W as W * sign(x) (vpsignb): each pair sums to at
@@ -13,10 +14,11 @@
 //   sums give, and the epilogue is gemv.cpp's in the same order.
 // - decode_attention: one query per sequence over its context, read in place from the paged cache
 //   (fp32, bf16 or int8 with scales), one (sequence, head) per task.
-// - kv_write, argmax_rows, gelu_tanh_ as gemv.cpp's; prefill_attention is torch's SDPA with the
-//   chunk's causal mask (on this CPU its flash kernel is what we would write).
-// Not here (torch's kernels take these on AVX2 CPUs): the many-row matmuls (panels), bf16 and AMX
-// products (no native bf16: bf16 models run in fp32), and decode_layers.
+// - decode_layers (every block of a decode step of <= 8 sequences in one call), kv_write,
+//   argmax_rows, gelu_tanh_ as gemv.cpp's; prefill_attention is torch's SDPA with the chunk's causal
+//   mask (on this CPU its flash kernel is what we would write).
+// Not here (torch's kernels take these on AVX2 CPUs): the many-row matmuls (panels) and bf16 / AMX
+// products (no native bf16: bf16 models run in fp32 arithmetic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -218,17 +220,19 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 // ---------------------------------------------------------------------------------------- fp32
 
-template <int M>
-void f32_rows(const float* x, const float* w, const float* bias, const float* res, float* y, int64_t K, int64_t N,
+// fp32 arithmetic over fp32 weights, or bf16 weights widened in registers (a bf16 model on this CPU:
+// half the bytes to stream at batch 1, the same products as the fp32 model of those weights)
+template <int M, typename W>
+void f32_rows(const float* x, const W* w, const float* bias, const float* res, float* y, int64_t K, int64_t N,
               int64_t n0, int64_t n1, int64_t act) {
   alignas(32) float v[M][8];
   for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
+    const W* wr = w + n * K;
     __m256 acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(wr + k) + kPrefetch, _MM_HINT_T1);
-      const __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
+      const __m256 w0 = load8(wr + k), w1 = load8(wr + k + 8);
       for (int m = 0; m < M; ++m) {
         acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w0, acc[m][0]);
         acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
@@ -239,20 +243,26 @@ void f32_rows(const float* x, const float* w, const float* bias, const float* re
   }
 }
 
+// x fp32, w (N, K) fp32 or bf16; y fp32
 at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& residual, int64_t act) {
   check_common("gemv_f32", x, w, bias, residual, act, 16);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gemv_f32: fp32 x and w");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "gemv_f32: fp32 x, fp32 or bf16 w");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    with_rows(M, [&](auto rows) { f32_rows<decltype(rows)::value>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
-  });
+  auto run = [&](const auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      with_rows(M, [&](auto rows) { f32_rows<decltype(rows)::value, W>(xp, wp, bp, rp, yp, K, N, n0, n1, act); });
+    });
+  };
+  if (w.scalar_type() == at::kFloat) run(w.data_ptr<float>());
+  else run(w.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -471,6 +481,49 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, 
   });
 }
 
+// ------------------------------------------------------------------------------ decode layers
+
+// Every transformer block of a decode step of <= 4 sequences in one call, as gemv.cpp's
+// decode_layers without its many-row kernels: the ops the Python blocks run (gpt2.py), in the same
+// order on the same inputs (same result to the bit), without ~15 torch ops a block from Python
+// (measured on the AMD Zen 3 machine, int8 batch 1: see the model's DecodeLayers). params: 24
+// tensors per layer, as gemv.cpp's (ln_1 weight, bias, ln_2 weight, bias, then 5 per projection:
+// mode 0 (int8) q, row sums, scales, bias (or empty), panels (empty); mode 2 (fp32) w, bias, -, -, -).
+at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const at::Tensor& kv,
+                         const at::Tensor& slot_mapping, const at::Tensor& slots, const at::Tensor& lens,
+                         int64_t mode, double eps, int64_t n_head, int64_t act, int64_t many,
+                         const c10::optional<at::Tensor>& kv_scale) {
+  constexpr int64_t kPer = 24;
+  const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
+  TORCH_CHECK(mode == 0 || mode == 2, "decode_layers: mode is 0 (int8) or 2 (fp32) in the AVX2 build");
+  TORCH_CHECK(many == 0, "decode_layers: the AVX2 build has no many-row kernels (many = 0)");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == kPer * n_layer, "decode_layers: 24 tensors per layer");
+  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
+  TORCH_CHECK(B >= 1 && B <= kMaxRows && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
+  TORCH_CHECK(!kv_scale || (kv_scale->dim() == 4 && kv_scale->size(0) == n_layer), "decode_layers: kv_scale (n_layer, S, 2, H)");
+  auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  auto proj = [&](const at::Tensor* p, const at::Tensor& x, int64_t a, const at::Tensor* residual) -> at::Tensor {
+    const c10::optional<at::Tensor> res = residual ? c10::optional<at::Tensor>(residual->contiguous()) : c10::nullopt;
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    return mode == 0 ? gemv_int8(xf, p[0], p[1], p[2], opt(p[3]), res, a) : gemv_f32(xf, p[0], opt(p[1]), res, a);
+  };
+  auto layer_scale = [&](int64_t i) { return kv_scale ? c10::optional<at::Tensor>(kv_scale->select(0, i)) : c10::nullopt; };
+  at::Tensor x = x_in;
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const at::Tensor* p = params.data() + i * kPer;
+    at::Tensor kv_l = kv.select(0, i);  // (S, 2, H, D), contiguous
+    at::Tensor h = at::layer_norm(x, {C}, p[0], p[1], eps);
+    at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
+    const c10::optional<at::Tensor> scale_l = layer_scale(i);
+    kv_write(kv_l, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}), scale_l);
+    at::Tensor o = decode_attention(qkv.narrow(1, 0, C).view({B, H, D}), kv_l, slots, lens, scale_l);  // (B, H, D)
+    x = proj(p + 9, o.reshape({B, C}), 0, &x);
+    h = at::layer_norm(x, {C}, p[2], p[3], eps);
+    x = proj(p + 19, proj(p + 14, h, act, nullptr), 0, &x);
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gpt2serve_avx2, m) {
@@ -481,6 +534,8 @@ TORCH_LIBRARY(gpt2serve_avx2, m) {
   m.def("decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor lens, Tensor? kv_scale=None) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor kv, bool bf16=True) -> Tensor");
   m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor kv, Tensor(b!)? scale=None) -> ()");
+  m.def("decode_layers(Tensor x, Tensor[] params, Tensor(a!) kv, Tensor slot_mapping, Tensor slots, Tensor lens, "
+        "int mode, float eps, int n_head, int act, int many, Tensor(b!)? kv_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2serve_avx2, CPU, m) {
@@ -491,4 +546,5 @@ TORCH_LIBRARY_IMPL(gpt2serve_avx2, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("prefill_attention", &prefill_attention);
   m.impl("kv_write", &kv_write);
+  m.impl("decode_layers", &decode_layers);
 }

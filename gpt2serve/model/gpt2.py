@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2serve.kernels import has_many_rows
+from gpt2serve.kernels import has_many_rows, is_avx2
 
 log = logging.getLogger(__name__)
 
@@ -455,15 +455,18 @@ class F32Conv1D(nn.Module):
     gemv_rows = 4  # at 8 rows oneDNN's packed kernel is faster (16.0 vs 17.9 ms)
     gemv_tensors = ("weight", "bias")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None, gemv=None, many: str = "onednn"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu_ops=None, gemv=None, many: str = "onednn",
+                 gemv_dtype: torch.dtype = torch.float32):
         """many: what runs calls of more than gemv_rows rows: "onednn" (its packed linear) or "panels"
-        (the kernels' matmul_panels; needs `gemv`); see panels_win."""
+        (the kernels' matmul_panels; needs `gemv`); see panels_win. gemv_dtype: the GEMV's copy of the
+        weights, bf16 for a bf16 model on a CPU without native bf16 (the AVX2 build's GEMV widens it in
+        registers: half the bytes to stream, the same products as fp32 on those bf16 values)."""
         super().__init__()
         self.many = many
         w_t = weight.detach().t().contiguous()  # (out, in); no copy when `weight` is a transposed view (the head's wte)
         self.gemv = gemv if gemv is not None and w_t.shape[1] % 32 == 0 else None
         # the small calls' plain weight: (out, in) for the GEMV, else the checkpoint's (in, out) for addmm
-        self.weight = w_t if self.gemv is not None else weight.detach()
+        self.weight = w_t.to(gemv_dtype) if self.gemv is not None else weight.detach()
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.panels, self.packed = many_rows_weights(w_t, many, self.gemv)
         self.gelu_ops = gelu_ops  # gpt2serve/kernels' GELU for the addmm path
@@ -916,11 +919,15 @@ class GPT2LMHeadModel(nn.Module):
             # no native bf16 here (no AVX512-BF16 / AMX, e.g. AVX2 laptops, AMD Zen 3): torch's bf16 matmuls
             # fall back to a scalar path, ~60x slower than fp32 (AMD EPYC Zen 3: a 768x2304 projection of
             # one row 49 ms vs 0.76; prefill of 512 tokens 100 s vs 0.9). The bf16-rounded weights widen to
-            # fp32 exactly, so the model stays the bf16 model, computed in fp32 at fp32's speed.
+            # fp32 exactly, so the model stays the bf16 model, computed in fp32 at fp32's speed; the AVX2
+            # GEMV (decode of <= 4 rows) keeps reading them as bf16, half fp32's bytes.
             log.warning("bfloat16 on a CPU without native bf16: the bf16 weights are computed in fp32 "
                         "(torch's bf16 matmuls are ~60x slower here)")
             self.float()
             wte = self.transformer.wte.weight.detach()
+            widened = True
+        else:
+            widened = False
         self.kv_dtype = wte.dtype
         replace = None
         fp32 = False
@@ -953,7 +960,9 @@ class GPT2LMHeadModel(nn.Module):
             replace = lambda w, b: Bf16Conv1D(w, b, gemv=gemv, many=many)  # noqa: E731
         elif kernels == "auto" and F32Conv1D.supported(wte.dtype, wte.device):
             many = self._choose_many(lambda w, m: F32Conv1D(w, None, gemv=gemv, many=m), gemv)
-            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv, many=many)  # noqa: E731
+            # a widened bf16 model keeps bf16 weights for the AVX2 GEMV (batch 1 streams half the bytes)
+            gemv_dtype = torch.bfloat16 if widened and is_avx2(gemv) else torch.float32
+            replace = lambda w, b: F32Conv1D(w, b, gelu_ops=gemv, gemv=gemv, many=many, gemv_dtype=gemv_dtype)  # noqa: E731
             fp32 = gemv is None
         if replace is not None:
             for block in self.transformer.h:

@@ -370,6 +370,11 @@ def test_bf16_without_native_bf16_is_its_fp32_model(monkeypatch):
     assert served.kv_dtype == torch.float32 and all(p.dtype == torch.float32 for p in served.parameters())
     with torch.inference_mode():
         assert torch.equal(forward_logits(served, ids), forward_logits(widened, ids))
+        # decode rows: the AVX2 GEMV reads bf16 copies of the weights, widened in registers: the same products
+        h = torch.randn(1, cfg.n_embd, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(served.logits(h), widened.logits(h))
+    if kernels.is_avx2(served.kernels):
+        assert served._lm_head.weight.dtype == torch.bfloat16 and served.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     plain = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16).prepare_for_serving(kernels="torch")
     assert plain.kv_dtype == torch.bfloat16
 
@@ -485,7 +490,7 @@ def test_gelu_tanh_matches_torch(ops):
         ops.gelu_tanh_(torch.zeros(4, 4).t())
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
 @pytest.mark.parametrize("dtype,batch,many", [(d, b, m) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)
                                                for m in ("onednn", "panels", *(("dot",) if d == "bfloat16" else ()))])
 @pytest.mark.parametrize("kv", ["auto", "int8"], ids=["float-cache", "int8-cache"])
@@ -494,9 +499,11 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypa
     cache writes to the bit (the same ops in the same order), at uneven context lengths: up to 4
     rows on the GEMV; more on the model's many-row kernels (the panels, bf16's dot products, or the
     AMX tiles where the CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
-    what the load-time choice, panels_win, is made to return)."""
-    if dtype != "float32" and not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("no native bf16 here: the bf16 and int8 kernels are not used")
+    what the load-time choice, panels_win, is made to return). With the AVX2 build (CPUs without
+    AVX-512 VNNI/BF16) only the GEMV's rows, and a bf16 model runs as fp32 on its bf16 weights."""
+    if many != "onednn" and not kernels.has_many_rows(kernels.gemv()):
+        pytest.skip("the AVX2 build has no many-row kernels: fbgemm / oneDNN take calls of > 4 rows")
+    native_bf16 = Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu"))
     rival = "fbgemm" if dtype == "int8" else "onednn"
     monkeypatch.setattr(GPT2LMHeadModel, "_choose_many",
                         lambda self, *a, **k: setattr(self, "many_rows", rival if many == "onednn" else many) or self.many_rows)
@@ -504,7 +511,7 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypa
     m = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     m.prepare_for_serving(int8=dtype == "int8")
     fused = m._decode_layers
-    assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1, "float32": 2}[dtype]
+    assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1 if native_bf16 else 2, "float32": 2}[dtype]
     ours = m.many_rows in ("panels", "dot", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
     assert fused.many == (0 if not ours else {"amx": 2, "dot": 3}.get(m.many_rows, 1))
     assert fused.max_rows == (4 if not ours else 1 << 30)
