@@ -6,7 +6,7 @@ Two limits bound a decoder on a CPU (a roofline):
 A ceiling at batch M is the lower of the two (M * bandwidth bound, compute bound at M rows).
 
 The matmul rate is measured with torch's own kernels (MKL/oneDNN for fp32 and bf16, `torch._int_mm`
-for int8) at GPT-2's real shapes, so a ceiling here is "what the best available kernel does", not
+and fbgemm's dynamic linear for int8) at GPT-2's real shapes, so a ceiling here is "what the best available kernel does", not
 the datasheet peak. bf16 weights may also be multiplied in fp32 once widened (the serving kernels do
 where that is faster), so the 16-bit compute bound takes, shape by shape, the faster of the bf16 and
 fp32 products (on the Intel Xeon without AMX we measured, fp32 ran twice bf16's rate: the bf16
@@ -147,6 +147,13 @@ def bandwidth_probe(quick: bool = False) -> dict[str, float]:
 def _matmul_fn(dtype: str, m: int, k: int, n: int, layout: str):
     """A closure running x(m,k) @ W for one dtype; `layout` "kn" stores W as (k, n), "nk" as (n, k) (nn.Linear)."""
     g = torch.Generator().manual_seed(0)
+    if dtype == "int8" and layout == "fbgemm":  # dynamic linear on a prepacked per-channel int8 weight
+        from gpt2serve.model.gpt2 import Int8Conv1D
+
+        x = torch.randn(m, k, generator=g)
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        packed = Int8Conv1D._prepack(q, torch.full((n,), 0.01), None, "fbgemm")
+        return lambda: torch.ops.quantized.linear_dynamic(x, packed, True)
     if dtype == "int8":
         x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         w = torch.randint(-127, 128, (k, n) if layout == "kn" else (n, k), dtype=torch.int8, generator=g)
@@ -162,9 +169,14 @@ def _matmul_fn(dtype: str, m: int, k: int, n: int, layout: str):
 
 
 def measure_matmul(dtype: str, m: int, k: int, n: int, repeats: int = 3, min_time: float = 0.05) -> dict:
-    """GFLOP/s (GOP/s for int8) of one (m,k)@(k,n) product, best of both weight layouts."""
+    """GFLOP/s (GOP/s for int8) of one (m,k)@(k,n) product, best of both weight layouts (int8: and of
+    fbgemm's dynamic linear, activation quantisation included: without VNNI, e.g. AVX2 CPUs, torch._int_mm
+    has no fast path, ~20x slower than fbgemm on an AMD Zen 3, so the int8 ceiling would mean nothing)."""
     best = {}
-    for layout in ("kn", "nk"):
+    layouts = ["kn", "nk"]
+    if dtype == "int8" and "fbgemm" in torch.backends.quantized.supported_engines:
+        layouts.append("fbgemm")
+    for layout in layouts:
         fn = _matmul_fn(dtype, m, k, n, layout)
         best[layout] = _best_seconds(fn, repeats, min_time)
     layout = min(best, key=best.get)
