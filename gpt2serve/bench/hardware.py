@@ -168,6 +168,12 @@ def _matmul_fn(dtype: str, m: int, k: int, n: int, layout: str):
     return lambda: torch.nn.functional.linear(x, w)
 
 
+def _has_vnni() -> bool:
+    from gpt2serve.kernels import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
 def measure_matmul(dtype: str, m: int, k: int, n: int, repeats: int = 3, min_time: float = 0.05) -> dict:
     """GFLOP/s (GOP/s for int8) of one (m,k)@(k,n) product, best of both weight layouts (int8: and of
     fbgemm's dynamic linear, activation quantisation included: without VNNI, e.g. AVX2 CPUs, torch._int_mm
@@ -175,7 +181,8 @@ def measure_matmul(dtype: str, m: int, k: int, n: int, repeats: int = 3, min_tim
     best = {}
     layouts = ["kn", "nk"]
     if dtype == "int8" and "fbgemm" in torch.backends.quantized.supported_engines:
-        layouts.append("fbgemm")
+        # without VNNI, skip _int_mm: at 512 rows it took minutes of this measurement on the Zen 3
+        layouts = layouts + ["fbgemm"] if _has_vnni() else ["fbgemm"]
     for layout in layouts:
         fn = _matmul_fn(dtype, m, k, n, layout)
         best[layout] = _best_seconds(fn, repeats, min_time)
