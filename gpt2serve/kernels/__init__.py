@@ -84,7 +84,9 @@ def _build(key: str, source: Path, cflags: list[str], namespace: str):
             import torch
             from torch.utils import cpp_extension
 
-            digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
+            # the header both builds include is part of what is built: a change to it must rebuild
+            code = source.read_bytes() + source.with_name("common.h").read_bytes()
+            digest = hashlib.sha256(code + " ".join(cflags).encode() + torch.__version__.encode()).hexdigest()[:12]
             t0 = time.perf_counter()
             cpp_extension.load(name=f"{source.stem}_{digest}", sources=[str(source)], extra_cflags=cflags,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)

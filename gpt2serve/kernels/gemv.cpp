@@ -34,6 +34,8 @@
 
 namespace {
 
+#include "common.h"
+
 constexpr int64_t kMaxRows = 8;
 // the projection modules' row counts (gpt2.py): the GEMV up to gemv_rows = 4, int8's matmul_int8
 // from matmul_rows = 64 (decode_layers computes as the modules do)
@@ -43,16 +45,6 @@ constexpr int64_t kGemvRows = 4, kInt8MatmulRows = 64;
 // 4096 bytes into L1 (T0), whose few fill buffers these many streams' prefetches overrun
 constexpr int kPrefetch = 2048;
 
-// What every projection kernel's epilogue reads: act, an fp32 bias (N,), a residual (M, N) in the
-// output's dtype.
-void check_epilogue(const char* name, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias,
-                    const c10::optional<at::Tensor>& residual, at::ScalarType out, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, name, ": act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, name, ": fp32 bias (N,)");
-  if (residual)
-    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == out && residual->size(0) == M && residual->size(1) == N,
-                name, ": residual (M, N) in the output's dtype");
-}
 
 void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t act, int64_t align) {
@@ -187,21 +179,6 @@ inline void prefetch2(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T1);
 }
 
-// Calls f(std::integral_constant<int, M>{}) for M in 1..kMaxRows: the row count as a template
-// argument, so each kernel's per-row accumulators live in registers.
-template <typename F>
-void with_rows(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
 
 // ---------------------------------------------------------------------------------------- int8
 
@@ -838,31 +815,6 @@ void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slo
   for (int64_t h = 0; h < H; ++h) softmax_values(scores + h * Lp, len, kv, ks, slots, H, D, h, out + h * D);
 }
 
-// The arguments' shapes for B queries of H heads of D values, and every length and slot in range
-// (the kernel reads the cache at them). An 8-bit cache (int8 kv) comes with its scales, (S, 2, H) fp32.
-void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
-                 const c10::optional<at::Tensor>& kv_scale) {
-  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == H && kv.size(3) == D,
-              "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
-  TORCH_CHECK(kv.is_contiguous() && slots.is_contiguous() && lens.is_contiguous(), "decode_attention: contiguous kv, slots, lens");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
-              slots.size(0) == B && lens.numel() == B, "decode_attention: int64 slots (B, L), lens (B,)");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kChar,
-              "decode_attention: fp32, bf16 or int8 cache");
-  TORCH_CHECK((kv.scalar_type() == at::kChar) == kv_scale.has_value(), "decode_attention: scales with an int8 cache and only then");
-  if (kv_scale)
-    TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->is_contiguous() && kv_scale->dim() == 3 &&
-                kv_scale->size(0) == kv.size(0) && kv_scale->size(1) == 2 && kv_scale->size(2) == H,
-                "decode_attention: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
-  const int64_t L = slots.size(1), S = kv.size(0);
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: length out of range");
-    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
-  }
-}
 
 // f(kv data, scales or null) with the cache's element type
 template <typename F>
@@ -1524,22 +1476,10 @@ inline void quantize_head(const T* x, int64_t D, int8_t* q, float* scale) {
 }
 
 void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, const c10::optional<at::Tensor>& scale) {
-  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.is_contiguous(), "kv_write: a contiguous cache (S, 2, H, D)");
-  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == cache.size(2) && kv.size(3) == cache.size(3) && kv.stride(3) == 1 &&
-              kv.stride(2) == kv.size(3) && kv.stride(1) == kv.size(2) * kv.size(3), "kv_write: kv (N, 2, H, D), each row contiguous");
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == kv.size(0),
-              "kv_write: int64 slots (N,)");
-  TORCH_CHECK((cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) &&
-              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "kv_write: an fp32, bf16 or int8 cache, fp32 or bf16 kv");
-  const int64_t N = kv.size(0), S = cache.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
-  TORCH_CHECK(row % 16 == 0, "kv_write: 2 * H * D must be a multiple of 16");
+  check_kv_write(cache, slots, kv, scale);
+  const int64_t N = kv.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
   const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sp[n] >= 0 && sp[n] < S, "kv_write: slot out of range");
-  TORCH_CHECK((cache.scalar_type() == at::kChar) == scale.has_value(), "kv_write: scales with an int8 cache and only then");
   if (scale) {
-    TORCH_CHECK(D % 16 == 0, "kv_write: an int8 cache's head_dim must be a multiple of 16");
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 3 && scale->size(0) == S &&
-                scale->size(1) == 2 && scale->size(2) == H, "kv_write: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
     int8_t* cp = cache.data_ptr<int8_t>();
     float* scp = scale->data_ptr<float>();
     auto quantize = [&](const auto* src) {

@@ -33,17 +33,10 @@
 
 namespace {
 
+#include "common.h"
+
 constexpr int64_t kMaxRows = 8;
 constexpr int kPrefetch = 2048;  // bytes ahead within a weight row's stream, into L2 (as gemv.cpp)
-
-void check_epilogue(const char* name, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias,
-                    const c10::optional<at::Tensor>& residual, at::ScalarType out, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, name, ": act is 0 (none), 1 (gelu tanh) or 2 (gelu erf)");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat, name, ": fp32 bias (N,)");
-  if (residual)
-    TORCH_CHECK(residual->is_contiguous() && residual->scalar_type() == out && residual->size(0) == M && residual->size(1) == N,
-                name, ": residual (M, N) in the output's dtype");
-}
 
 void check_common(const char* name, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t act, int64_t align) {
@@ -127,20 +120,6 @@ inline void flush8(const float (&v)[M][8], float* y, int64_t N, int64_t n, int64
   if ((n - n0) % 8 != 7 && n + 1 != n1) return;
   const int64_t nb = (n - n0) % 8 + 1;
   for (int m = 0; m < M; ++m) finish8(y, N, m, n + 1 - nb, nb, _mm256_loadu_ps(v[m]), bias, res, act);
-}
-
-template <typename F>
-void with_rows(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
 }
 
 // ---------------------------------------------------------------------------------------- int8
@@ -372,27 +351,11 @@ void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, 
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
                             const c10::optional<at::Tensor>& kv_scale) {
-  TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
-              "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(kv.is_contiguous() && slots.is_contiguous() && lens.is_contiguous(), "decode_attention: contiguous kv, slots, lens");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == B &&
-              lens.numel() == B, "decode_attention: int64 slots (B, L), lens (B,)");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kChar,
-              "decode_attention: fp32, bf16 or int8 cache");
-  TORCH_CHECK((kv.scalar_type() == at::kChar) == kv_scale.has_value(), "decode_attention: scales with an int8 cache and only then");
-  if (kv_scale)
-    TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->is_contiguous() && kv_scale->dim() == 3 &&
-                kv_scale->size(0) == kv.size(0) && kv_scale->size(1) == 2 && kv_scale->size(2) == H,
-                "decode_attention: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head_dim must be a multiple of 16, at most 128");
-  const int64_t L = slots.size(1), S = kv.size(0);
+  TORCH_CHECK(q.dim() == 3, "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1);
+  check_paged(B, H, D, kv, slots, lens, kv_scale);
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: length out of range");
-    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * L + j] >= 0 && sp[b * L + j] < S, "decode_attention: slot out of range");
-  }
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, D}, qf.options());
   const float* qp = qf.data_ptr<float>();
@@ -441,20 +404,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool bf1
 // cache[slots[n]] = kv[n] (rounded to the cache's dtype as Tensor.to does), or for an int8 cache each
 // head's D values as symmetric int8 with scale max|x| / 127 (gemv.cpp's quantize_head, same bits)
 void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, const c10::optional<at::Tensor>& scale) {
-  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.is_contiguous(), "kv_write: a contiguous cache (S, 2, H, D)");
-  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == cache.size(2) && kv.size(3) == cache.size(3) && kv.stride(3) == 1 &&
-              kv.stride(2) == kv.size(3) && kv.stride(1) == kv.size(2) * kv.size(3), "kv_write: kv (N, 2, H, D), each row contiguous");
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == kv.size(0),
-              "kv_write: int64 slots (N,)");
-  TORCH_CHECK((cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16 || cache.scalar_type() == at::kChar) &&
-              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "kv_write: an fp32, bf16 or int8 cache, fp32 or bf16 kv");
-  const int64_t N = kv.size(0), S = cache.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
+  check_kv_write(cache, slots, kv, scale);
+  const int64_t N = kv.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
   const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sp[n] >= 0 && sp[n] < S, "kv_write: slot out of range");
-  TORCH_CHECK((cache.scalar_type() == at::kChar) == scale.has_value(), "kv_write: scales with an int8 cache and only then");
   if (scale) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 3 && scale->size(0) == S &&
-                scale->size(1) == 2 && scale->size(2) == H, "kv_write: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
     const at::Tensor src = kv.to(at::kFloat);  // rows of 2HD contiguous values
     const float* xp = src.data_ptr<float>();
     int8_t* cp = cache.data_ptr<int8_t>();
