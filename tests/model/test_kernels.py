@@ -90,17 +90,23 @@ def ops(request):
     return ops
 
 
+def _builds_fresh(tmp_path, loader: str) -> None:
+    """gpt2serve.kernels.<loader>() returns its ops in a fresh interpreter with an empty extensions
+    folder, having built a shared object there."""
+    code = f"import sys; from gpt2serve.kernels import {loader}; sys.exit(0 if {loader}() is not None else 3)"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any((tmp_path / "ext").rglob("*.so")), "no shared object was built"
+
+
 def test_gemv_builds_where_supported(tmp_path):
     """Where the CPU runs the kernels, they must build (CI has a compiler and ninja): a silent
     fallback to torch's kernels would hide a broken build. The first build goes into an empty
     extensions folder, in a fresh interpreter, so a build cached on this machine proves nothing."""
     if not kernels.supported():
         pytest.skip("this CPU lacks AVX-512 VNNI/BF16")
-    code = "import sys; from gpt2serve.kernels import gemv; sys.exit(0 if gemv() is not None else 3)"
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert any((tmp_path / "ext").rglob("*.so")), "no shared object was built"
+    _builds_fresh(tmp_path, "gemv")
     ops = kernels.gemv()
     assert ops is not None
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
@@ -111,11 +117,7 @@ def test_gemv_builds_where_supported(tmp_path):
 def test_avx2_kernels_build_and_serve_cpus_without_avx512(tmp_path):
     """The AVX2 build must build from an empty extensions folder in a fresh interpreter (no silent
     fallback), and it is what gemv() hands out exactly where the AVX-512 one is not supported."""
-    code = "import sys; from gpt2serve.kernels import gemv_avx2; sys.exit(0 if gemv_avx2() is not None else 3)"
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert any((tmp_path / "ext").rglob("*.so")), "no shared object was built"
+    _builds_fresh(tmp_path, "gemv_avx2")
     avx2 = kernels.gemv_avx2()
     assert (kernels.gemv() is avx2) == (not kernels.supported())
     assert not kernels.has_many_rows(avx2) and kernels.has_many_rows(kernels.gemv()) == kernels.supported()
