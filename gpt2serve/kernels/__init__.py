@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels (gemv.cpp), compiled on this machine the first time they are needed.
+"""Hand-written CPU kernels (gemv.cpp, gemv_avx2.cpp), compiled on this machine the first time they are needed.
 
 `gemv()` returns the torch ops namespace holding `gemv_int8`, `gemv_bf16`, `gemv_f32` (projections of <= 8
 rows), `matmul_int8_panels` / `matmul_int8` (int8 projections of 5-63 / more rows), `matmul_panels` (bf16
@@ -7,11 +7,12 @@ and fp32 projections of many rows, fp32 FMAs) and `matmul_bf16_dot` (bf16, `vdpb
 sequence over the paged KV cache, fp32, bf16 or int8 with scales, read in place), `kv_write` (a step's K/V
 into that cache), `argmax_rows` (the sampler's argmax), `prefill_attention` (a prompt chunk's causal attention; over a bf16 cache optionally in bf16 products, on AMX tiles
 or `vdpbf16ps`) and
-`decode_layers` (every block of a decode step), or
+`decode_layers` (every block of a decode step), on x86 CPUs with AVX-512 VNNI and BF16 (gemv.cpp).
 On x86 CPUs with AVX2 and FMA but not those (AMD Zen 2/3, most laptops) it returns
-`torch.ops.gpt2serve_avx2` instead (gemv_avx2.cpp): the same schemas for the GEMVs (int8, fp32), GELU,
-argmax, decode and prompt attention and K/V writes, without the many-row matmuls, bf16/AMX products or
-decode_layers (callers check with `has_many_rows` / hasattr and keep torch's kernels for those).
+`torch.ops.gpt2serve_avx2` instead (gemv_avx2.cpp): the same schemas for the GEMVs (int8, fp32; the
+latter also on bf16 weights), GELU, argmax, decode and prompt attention, K/V writes and decode_layers,
+without the many-row matmuls or bf16/AMX products (callers check with `has_many_rows` / hasattr and
+keep torch's kernels for those). The two share kernels/common.h (argument checks). It is
 None when neither can be had here (no AVX2, no C++ compiler, a failed build); callers then keep
 torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
 compiler) into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),

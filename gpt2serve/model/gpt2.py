@@ -903,7 +903,8 @@ class GPT2LMHeadModel(nn.Module):
           The KV cache is bf16 where the CPU computes bf16 natively (`kv_dtype`).
         - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D; on a CPU
           without native bf16 the (bf16-rounded) weights widen to fp32 and it runs as fp32 does.
-        - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use;
+        - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use
+          (on CPUs without AVX-512 VNNI/BF16 its AVX2 build: int8 and fp32 GEMVs, no many-row kernels);
           decode attention (every dtype) reads the paged cache in place with the kernel there.
         kernels: "auto" (the above) or "torch" (plain torch ops only, for comparisons: the int8
         projections then use fbgemm alone, bf16 stays `x @ W`, the KV cache keeps the weights' dtype).
