@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gpt2serve.kernels import has_vnni
+
 DTYPES = ("float32", "bfloat16", "int8")
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1}
 DEFAULT_ROWS = (1, 8, 32, 512)
@@ -168,12 +170,6 @@ def _matmul_fn(dtype: str, m: int, k: int, n: int, layout: str):
     return lambda: torch.nn.functional.linear(x, w)
 
 
-def _has_vnni() -> bool:
-    from gpt2serve.kernels import cpu_flags
-
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
-
-
 def measure_matmul(dtype: str, m: int, k: int, n: int, repeats: int = 3, min_time: float = 0.05) -> dict:
     """GFLOP/s (GOP/s for int8) of one (m,k)@(k,n) product, best of both weight layouts (int8: and of
     fbgemm's dynamic linear, activation quantisation included: without VNNI, e.g. AVX2 CPUs, torch._int_mm
@@ -182,7 +178,7 @@ def measure_matmul(dtype: str, m: int, k: int, n: int, repeats: int = 3, min_tim
     layouts = ["kn", "nk"]
     if dtype == "int8" and "fbgemm" in torch.backends.quantized.supported_engines:
         # without VNNI, skip _int_mm: at 512 rows it took minutes of this measurement on the Zen 3
-        layouts = layouts + ["fbgemm"] if _has_vnni() else ["fbgemm"]
+        layouts = layouts + ["fbgemm"] if has_vnni() else ["fbgemm"]
     for layout in layouts:
         fn = _matmul_fn(dtype, m, k, n, layout)
         best[layout] = _best_seconds(fn, repeats, min_time)

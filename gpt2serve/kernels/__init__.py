@@ -64,6 +64,12 @@ def supported_avx2() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and all(f in cpu_flags() for f in REQUIRED_FLAGS_AVX2)
 
 
+def has_vnni() -> bool:
+    """Whether this CPU has int8 dot products (VNNI, AVX-512 or AVX; AMX): without them int8 GEMMs that
+    take u8 x s8 (oneDNN, torch._int_mm) go through saturating int16 pairs or slow paths."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
 def has_many_rows(ops) -> bool:
     """Whether `ops` has the many-row matmuls (panels, bf16 dot products): the AVX-512 build only."""
     return ops is not None and hasattr(ops, "matmul_panels")
@@ -94,7 +100,8 @@ def _build(key: str, source: Path, cflags: list[str], namespace: str):
             ops = getattr(torch.ops, namespace)
             ops.gemv_int8, ops.gemv_f32  # noqa: B018 - raises if registration failed
             _state[key] = ops
-            log.info("%s kernels ready (%.1f s)", key, time.perf_counter() - t0)
+            log.info("%s kernels ready (%.1f s)%s", key, time.perf_counter() - t0,
+                     "" if supported() else ": this CPU lacks AVX-512 VNNI/BF16; torch's kernels for many rows")
         except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels still work
             log.warning("%s kernels unavailable, using torch's kernels: %s", key,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -114,8 +121,6 @@ def gemv():
     AVX-512 VNNI/BF16), or None (see the module doc)."""
     if supported():
         return _build("AVX-512", SOURCE, CFLAGS, "gpt2serve")
-    if supported_avx2():
-        log.info("this CPU lacks AVX-512 VNNI/BF16: the AVX2 kernels (GEMV, attention), torch's for the rest")
+    if supported_avx2():  # logged once, when built
         return gemv_avx2()
-    log.info("small-batch kernels: this CPU lacks AVX2; using torch's kernels")
     return None

@@ -349,11 +349,11 @@ void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, 
   for (int64_t i = 0; i < nv; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
-                            const c10::optional<at::Tensor>& kv_scale) {
-  TORCH_CHECK(q.dim() == 3, "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
+// decode_attention without the checks, for arguments check_paged has passed (decode_layers checks a
+// step's slots once, not once per layer)
+at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
+                                      const c10::optional<at::Tensor>& kv_scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = slots.size(1);
-  check_paged(B, H, D, kv, slots, lens, kv_scale);
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const at::Tensor qf = q.to(at::kFloat).contiguous();
@@ -373,6 +373,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   else if (kv.scalar_type() == at::kBFloat16) run(kv.data_ptr<at::BFloat16>(), nullptr);
   else run(kv.data_ptr<int8_t>(), kv_scale->data_ptr<float>());
   return out.to(q.scalar_type());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
+                            const c10::optional<at::Tensor>& kv_scale) {
+  TORCH_CHECK(q.dim() == 3, "decode_attention: q (B, H, D) and kv (S, 2, H, D) expected");
+  check_paged(q.size(0), q.size(1), q.size(2), kv, slots, lens, kv_scale);
+  return decode_attention_unchecked(q, kv, slots, lens, kv_scale);
 }
 
 // ------------------------------------------------------------------------- prefill attention
@@ -461,6 +468,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     return mode == 0 ? gemv_int8(xf, p[0], p[1], p[2], opt(p[3]), res, a) : gemv_f32(xf, p[0], opt(p[1]), res, a);
   };
   auto layer_scale = [&](int64_t i) { return kv_scale ? c10::optional<at::Tensor>(kv_scale->select(0, i)) : c10::nullopt; };
+  check_paged(B, H, D, kv.select(0, 0), slots, lens, layer_scale(0));  // the same slots and lengths in every layer
   at::Tensor x = x_in;
   for (int64_t i = 0; i < n_layer; ++i) {
     const at::Tensor* p = params.data() + i * kPer;
@@ -469,7 +477,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     at::Tensor qkv = proj(p + 4, h, 0, nullptr);  // (B, 3C) = [q | k | v]
     const c10::optional<at::Tensor> scale_l = layer_scale(i);
     kv_write(kv_l, slot_mapping, qkv.narrow(1, C, 2 * C).view({B, 2, H, D}), scale_l);
-    at::Tensor o = decode_attention(qkv.narrow(1, 0, C).view({B, H, D}), kv_l, slots, lens, scale_l);  // (B, H, D)
+    at::Tensor o = decode_attention_unchecked(qkv.narrow(1, 0, C).view({B, H, D}), kv_l, slots, lens, scale_l);  // (B, H, D)
     x = proj(p + 9, o.reshape({B, C}), 0, &x);
     h = at::layer_norm(x, {C}, p[2], p[3], eps);
     x = proj(p + 19, proj(p + 14, h, act, nullptr), 0, &x);

@@ -609,7 +609,7 @@ class Int8Conv1D(nn.Module):
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         if rows >= self.matmul_rows:  # the AVX2 build has no matmul_int8: fbgemm then
-            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a) if hasattr(self.gemv, "matmul_int8") else None
+            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a) if has_many_rows(self.gemv) else None
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         return None

@@ -231,7 +231,7 @@ def test_int8_matches_conv1d(amx, gemv, many):
     # rows with the kernels (5-127 for the AMX kernel)
     if gemv:
         _need_amx(many)
-    if amx and not {"avx512_vnni", "avx_vnni", "amx_int8"} & kernels.cpu_flags():
+    if amx and not kernels.has_vnni():
         # without VNNI oneDNN multiplies u8 x s8 pairs into saturating int16 (vpmaddubsw), so its full-range
         # activations overflow; the engine packs for oneDNN only on AMX CPUs (prepare_for_serving)
         pytest.skip("this CPU has no VNNI: oneDNN's full-range int8 saturates here and the engine never uses it")
