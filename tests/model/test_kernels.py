@@ -272,18 +272,19 @@ def test_int8_rows_equal_each_row_alone(rows, many):
 
 
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
-@pytest.mark.parametrize("m", [5, 16, 17, 33, 130])
-def test_amx_kernels_match_their_references(m):
+@pytest.mark.parametrize("m,K", [(5, 256), (16, 256), (17, 256), (33, 256), (130, 256), (352, 3072)])
+def test_amx_kernels_match_their_references(m, K):
     """matmul_int8_amx computes what matmul_int8 does (the GEMV's arithmetic), to the bit;
     matmul_bf16_amx the fp32 product of the bf16 operands, to fp32 rounding of its sums. Rows that
     are not a multiple of the tiles' 16, columns that are not a multiple of the panels' 32, every
-    epilogue (bias, GELU tanh / exact, the residual)."""
+    epilogue (bias, GELU tanh / exact, the residual), run after the tiles (<= 32 rows) or during the
+    next block's (more); 352 x 3072 takes the rows in chunks of <= 1 MiB of x (bf16 3, int8 2)."""
     from gpt2serve.model.gpt2 import pack_amx_bf16, pack_int8_panels
 
     _need_amx()
     ops = kernels.gemv()
     g = torch.Generator().manual_seed(m)
-    K, N = 256, 300  # the int8 kernels take K in multiples of 128
+    N = 300  # the int8 kernels take K in multiples of 128
     w8 = Int8Conv1D(torch.randn(K, N, generator=g) * 0.05, torch.randn(N, generator=g), gemv=ops, many="amx")
     wb = (torch.randn(K, N, generator=g) * 0.05).bfloat16()
     bias = torch.randn(N, generator=g)
