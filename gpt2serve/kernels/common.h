@@ -77,3 +77,13 @@ inline void check_kv_write(const at::Tensor& cache, const at::Tensor& slots, con
                 scale->size(1) == 2 && scale->size(2) == H, "kv_write: contiguous fp32 scales (S, 2, H) for an int8 cache (S, 2, H, D)");
   }
 }
+
+// decode_layers' arguments both builds check alike: `per` tensors a layer of the cache kv (n_layer,
+// S, 2, H, D), GELU's kind, and B queries of H heads of D values (rows_ok: B within what the build
+// runs, which its mode decides).
+inline void check_decode_layers(const std::vector<at::Tensor>& params, int64_t per, const at::Tensor& kv, int64_t B,
+                                int64_t H, int64_t D, int64_t act, bool rows_ok) {
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == per * kv.size(0), "decode_layers: 24 tensors per layer");
+  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
+  TORCH_CHECK(B >= 1 && rows_ok && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
+}

@@ -1592,9 +1592,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
   TORCH_CHECK(mode >= 0 && mode <= 2, "decode_layers: mode is 0 (int8), 1 (bf16) or 2 (fp32)");
   TORCH_CHECK(many >= 0 && many <= 3 && !(many == 2 && mode == 2) && !(many == 3 && mode != 1),
               "decode_layers: many is 0 (none), 1 (panels), 2 (AMX; int8, bf16) or 3 (bf16 dot products; bf16)");
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == kPer * n_layer, "decode_layers: 24 tensors per layer");
-  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
-  TORCH_CHECK(B >= 1 && (B <= kMaxRows || many) && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
+  check_decode_layers(params, kPer, kv, B, H, D, act, B <= kMaxRows || many);
   auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
   // one projection: y = act(x W + b) (+ residual), as the module of that mode computes it: the GEMV
   // up to kGemvRows rows, above them the many-row kernel whose weights are p[4]

@@ -457,9 +457,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
   const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
   TORCH_CHECK(mode == 0 || mode == 2, "decode_layers: mode is 0 (int8) or 2 (fp32) in the AVX2 build");
   TORCH_CHECK(many == 0, "decode_layers: the AVX2 build has no many-row kernels (many = 0)");
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == kPer * n_layer, "decode_layers: 24 tensors per layer");
-  TORCH_CHECK(act == 1 || act == 2, "decode_layers: act is 1 (gelu tanh) or 2 (gelu erf)");
-  TORCH_CHECK(B >= 1 && B <= kMaxRows && kv.dim() == 5 && kv.size(3) == H && kv.size(4) == D, "decode_layers: shapes");
+  check_decode_layers(params, kPer, kv, B, H, D, act, B <= kMaxRows);
   TORCH_CHECK(!kv_scale || (kv_scale->dim() == 4 && kv_scale->size(0) == n_layer), "decode_layers: kv_scale (n_layer, S, 2, H)");
   auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
   auto proj = [&](const at::Tensor* p, const at::Tensor& x, int64_t a, const at::Tensor* residual) -> at::Tensor {

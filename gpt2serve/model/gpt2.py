@@ -915,8 +915,9 @@ class GPT2LMHeadModel(nn.Module):
             return self  # already laid out: the float Conv1D weights may be gone
         self._prepared = True
         wte = self.transformer.wte.weight.detach()
-        if (kernels == "auto" and not int8 and wte.dtype == torch.bfloat16 and wte.device.type == "cpu"
-                and not Bf16Conv1D.supported(wte.dtype, wte.device)):
+        widened = (kernels == "auto" and not int8 and wte.dtype == torch.bfloat16 and wte.device.type == "cpu"
+                   and not Bf16Conv1D.supported(wte.dtype, wte.device))
+        if widened:
             # no native bf16 here (no AVX512-BF16 / AMX, e.g. AVX2 laptops, AMD Zen 3): torch's bf16 matmuls
             # fall back to a scalar path, ~60x slower than fp32 (AMD EPYC Zen 3: a 768x2304 projection of
             # one row 49 ms vs 0.76; prefill of 512 tokens 100 s vs 0.9). The bf16-rounded weights widen to
@@ -926,9 +927,6 @@ class GPT2LMHeadModel(nn.Module):
                         "(torch's bf16 matmuls are ~60x slower here)")
             self.float()
             wte = self.transformer.wte.weight.detach()
-            widened = True
-        else:
-            widened = False
         self.kv_dtype = wte.dtype
         replace = None
         fp32 = False
