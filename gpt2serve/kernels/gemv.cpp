@@ -39,7 +39,7 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;
 // the projection modules' row counts (gpt2.py): the GEMV up to gemv_rows = 4, int8's matmul_int8
-// from matmul_rows = 64 (decode_layers computes as the modules do)
+// from matmul_rows = 64 unless the panels take every row count (decode_layers computes as the modules do)
 constexpr int64_t kGemvRows = 4, kInt8MatmulRows = 64;
 // bytes ahead of the current read, within the same weight stream, into L2 (_MM_HINT_T1): on the
 // Zen 4 machine the 49 one-row GEMVs of a step took 7.6 -> 6.8 ms bf16 and 4.9 -> 4.2 ms int8 against
@@ -1572,8 +1572,9 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, 
 // (gpt2.py: Block, CausalSelfAttention, MLP and the projection modules), in the same order on the
 // same inputs, so the result is the same to the bit. Up to 4 sequences run on the GEMV; more (up
 // to kMaxRows, or any number with `many`) on the projections' many-row kernel: many = 1, the
-// panels (matmul_int8_panels / matmul_int8 for int8, matmul_panels for bf16 and fp32), 2, the AMX
-// tiles (matmul_int8_amx, matmul_bf16_amx), 3, bf16 dot products (matmul_bf16_dot).
+// panels (matmul_int8_panels / matmul_int8 from kInt8MatmulRows rows for int8, matmul_panels for bf16
+// and fp32), 2, the AMX tiles (matmul_int8_amx, matmul_bf16_amx), 3, bf16 dot products
+// (matmul_bf16_dot), 4 (int8), the panels at every row count (where they beat torch._int_mm's).
 // params: per layer, 24 tensors: ln_1 weight, bias, ln_2 weight, bias, then 5 per projection
 // (c_attn, attn.c_proj, c_fc, mlp.c_proj):
 //   mode 0 (int8): q (out, in) int8, row sums int32, scales fp32, bias fp32 (or empty), panels
@@ -1590,8 +1591,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
   constexpr int64_t kPer = 24;
   const int64_t n_layer = kv.size(0), B = x_in.size(0), C = x_in.size(1), H = n_head, D = C / n_head;
   TORCH_CHECK(mode >= 0 && mode <= 2, "decode_layers: mode is 0 (int8), 1 (bf16) or 2 (fp32)");
-  TORCH_CHECK(many >= 0 && many <= 3 && !(many == 2 && mode == 2) && !(many == 3 && mode != 1),
-              "decode_layers: many is 0 (none), 1 (panels), 2 (AMX; int8, bf16) or 3 (bf16 dot products; bf16)");
+  TORCH_CHECK(many >= 0 && many <= 4 && !(many == 2 && mode == 2) && !(many == 3 && mode != 1) && !(many == 4 && mode != 0),
+              "decode_layers: many is 0 (none), 1 (panels), 2 (AMX; int8, bf16), 3 (bf16 dot products; bf16) or 4 "
+              "(int8 panels at every row count)");
   check_decode_layers(params, kPer, kv, B, H, D, act, B <= kMaxRows || many);
   auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
   // one projection: y = act(x W + b) (+ residual), as the module of that mode computes it: the GEMV
@@ -1603,7 +1605,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const std::vector<at::Tensor>& 
       const at::Tensor xf = x.to(at::kFloat).contiguous();
       if (gemv) return gemv_int8(xf, p[0], p[1], p[2], opt(p[3]), res, a);
       if (many == 2) return matmul_int8_amx(xf, p[4], p[1], p[2], opt(p[3]), res, a);
-      if (B >= kInt8MatmulRows) return matmul_int8(xf, p[0], p[2], opt(p[3]), res, a);
+      if (many == 1 && B >= kInt8MatmulRows) return matmul_int8(xf, p[0], p[2], opt(p[3]), res, a);
       return matmul_int8_panels(xf, p[4], p[1], p[2], opt(p[3]), res, a);
     }
     if (!gemv && many == 2) return matmul_bf16_amx(x.contiguous(), p[4], p[0].size(0), opt(p[1]), res, a);

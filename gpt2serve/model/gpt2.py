@@ -547,7 +547,10 @@ class Int8Conv1D(nn.Module):
     plain weights, so a row's result is the GEMV's to the bit and does not depend on the rest of
     the batch. Over the 48 block matmuls (Intel Xeon without AMX, ms): 512 rows 89-92 vs fbgemm's
     97-99, 128 rows 24.0 vs 25.8, 64 rows 13.8 vs 14.2, 32 rows 8.4 vs 7.9; int8 prefill of 512
-    tokens in the engine 2764 -> 3143 tok/s (A/B in one process).
+    tokens in the engine 2764 -> 3143 tok/s (A/B in one process). Where the panels below are faster at
+    many rows too (AMD Zen 4: 48 block matmuls at 512 rows 111.5 vs 125.5 ms; prefill of 512 tokens
+    3351-3382 -> 3462-3481 tok/s, of 128 tokens 2533-3091 -> 2878-3486, A/B in one process), they
+    take every row count instead (`matmul_rows` None, timed by prepare_for_serving).
 
     Calls of 5 to 63 rows (batched decode) run matmul_int8_panels: the same per-row arithmetic
     again, on a copy of the weights in panels of 32 columns (pack_int8_panels) with an 8 x 32
@@ -566,14 +569,20 @@ class Int8Conv1D(nn.Module):
 
     onednn_rows = 16
     gemv_rows = 4
-    matmul_rows = 64  # from here (prompts) matmul_int8; below, matmul_int8_panels (at 64 rows alike, 13.8-14.0 ms)
+    # from here (prompts) matmul_int8; below, matmul_int8_panels (at 64 rows alike, 13.8-14.0 ms, on
+    # the Intel Xeon); None: the panels at every row count (prepare_for_serving times both: on AMD
+    # Zen 4 the panels won at every size, 48 block matmuls at 512 rows 111.5 vs 125.5 ms)
+    matmul_rows: int | None = 64
     gemv_tensors = ("q", "qsum", "scale", "bias")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels",
+                 matmul_rows: int | None = 64):
         """many: what runs calls of 5-63 rows with the kernels, "panels" (matmul_int8_panels) or
-        "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX)."""
+        "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX).
+        matmul_rows: see the class attribute (None with the panels: they take every row count)."""
         super().__init__()
         self.many = many
+        self.matmul_rows = matmul_rows
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale).to(torch.int8).t().contiguous()  # (out, in), the kernels' layout
@@ -608,7 +617,7 @@ class Int8Conv1D(nn.Module):
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
-        if rows >= self.matmul_rows:  # the AVX2 build has no matmul_int8: fbgemm then
+        if self.matmul_rows is not None and rows >= self.matmul_rows:  # the AVX2 build has no matmul_int8: fbgemm then
             return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a) if has_many_rows(self.gemv) else None
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
@@ -818,6 +827,8 @@ class DecodeLayers:
         first = blocks[0].attn.c_attn
         # 0: the GEMV only; 1: the panels; 2: the AMX tiles; 3: bf16 dot products (the model's choice, one for all)
         self.many = 0 if first.panels is None else {"amx": 2, "dot": 3}.get(first.many, 1)
+        if self.many == 1 and mode == 0 and first.matmul_rows is None:
+            self.many = 4  # int8's panels at every row count (the kernel's matmul_int8 not used)
         # without `many`, the GEMV's rows (at 5-8 fbgemm and oneDNN are faster: int8 batch 8 553-570
         # vs 480-492 tok/s); with it any decode step, except where int8 has oneDNN take many rows
         self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
@@ -947,7 +958,8 @@ class GPT2LMHeadModel(nn.Module):
             # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
             many = self._amx_kernels(gemv) or self._choose_many(
                 lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
-            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
+            matmul_rows = self._choose_int8_prompt_matmul(gemv) if many == "panels" else Int8Conv1D.matmul_rows
+            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many, matmul_rows=matmul_rows)  # noqa: E731
             if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
                 # were ~38% of an int8 step at batch 32): a bf16 cache halves those bytes, and its
@@ -1018,6 +1030,31 @@ class GPT2LMHeadModel(nn.Module):
                      ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         self.many_rows = many
         return many
+
+    def _choose_int8_prompt_matmul(self, gemv, rows: int = 256, repeats: int = 3) -> int | None:
+        """Int8Conv1D.matmul_rows for int8 with the VNNI panels: where the kernels' matmul_int8
+        (torch._int_mm, oneDNN's GEMM, between the GEMV's quantisation and epilogue) takes over from
+        the panels, or None where the panels are faster at many rows too. Timed once here, both
+        taking turns, on layer 0's MLP (c_fc and c_proj: x of K = 768 and of 3072) at `rows` rows, as
+        which wins depends on the CPU: 48 block matmuls at 512 rows, AMD Zen 4, panels 111.5 vs
+        matmul_int8 125.5 ms (at 64 rows 15.1 vs 18.7); the Intel Xeon without AMX, alike at 64 rows.
+        Logged."""
+        if not has_many_rows(gemv):
+            return Int8Conv1D.matmul_rows
+        g = torch.Generator().manual_seed(0)  # the global RNG untouched
+        mlp = self.transformer.h[0].mlp
+        calls = []
+        for conv, act in ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0)):
+            m = Int8Conv1D(conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None, gemv=gemv, many="panels")
+            x = torch.randn(rows, conv.weight.shape[0], generator=g)
+            calls.append((m, x, act))
+        kind, ms = fastest({
+            "matmul_int8": lambda: [gemv.matmul_int8(x, m.q, m.scale, m.bias, None, a) for m, x, a in calls],
+            "panels": lambda: [gemv.matmul_int8_panels(x, m.panels, m.qsum, m.scale, m.bias, None, a) for m, x, a in calls],
+        }, repeats)
+        log.info("int8 matmuls of >= %d rows: %s (MLP at %d rows: %s)", Int8Conv1D.matmul_rows,
+                 "the panels" if kind == "panels" else "matmul_int8", rows, ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+        return None if kind == "panels" else Int8Conv1D.matmul_rows
 
     def refresh_gemv_weights(self) -> None:
         """Copy what the small-batch kernels read (each projection's `gemv_tensors`, and wte where

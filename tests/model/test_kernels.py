@@ -220,6 +220,10 @@ def test_model_makes_one_copy_for_many_rows(dtype):
     for mod in mods:
         rival = mod._packed if dtype == "int8" else mod.packed
         assert (mod.panels is not None) == ours and (rival is None) == ours
+    if dtype == "int8":  # with the VNNI panels, many rows went to the faster of them and matmul_int8 (timed too)
+        expect = {None, 64} if m.many_rows == "panels" else {64}
+        assert {mod.matmul_rows for mod in mods} <= expect and len({mod.matmul_rows for mod in mods}) == 1
+        assert m._decode_layers.many == {"panels": 1 if mods[0].matmul_rows else 4, "amx": 2}.get(m.many_rows, 0)
 
 
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["torch", "gemv"])
@@ -494,35 +498,42 @@ def test_gelu_tanh_matches_torch(ops):
 
 
 @pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
-@pytest.mark.parametrize("dtype,batch,many", [(d, b, m) for d in ("float32", "bfloat16", "int8") for b in (1, 3, 4, 7, 20)
-                                               for m in ("onednn", "panels", *(("dot",) if d == "bfloat16" else ()))])
+@pytest.mark.parametrize("dtype,batch,many", [(d, b, m) for d in ("float32", "bfloat16", "int8")
+                                               for b in (1, 3, 4, 7, 20, *((70,) if d == "int8" else ()))
+                                               for m in ("onednn", "panels", *{"bfloat16": ("dot",), "int8": ("panels-all",)}.get(d, ()))])
 @pytest.mark.parametrize("kv", ["auto", "int8"], ids=["float-cache", "int8-cache"])
 def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypatch):
     """A decode step through the kernels' decode_layers gives the Python blocks' hidden states and
     cache writes to the bit (the same ops in the same order), at uneven context lengths: up to 4
     rows on the GEMV; more on the model's many-row kernels (the panels, bf16's dot products, or the
     AMX tiles where the CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
-    what the load-time choice, panels_win, is made to return). With the AVX2 build (CPUs without
-    AVX-512 VNNI/BF16) only the GEMV's rows, and a bf16 model runs as fp32 on its bf16 weights."""
+    what the load-time choice, panels_win, is made to return; int8's "panels-all": the panels also
+    where matmul_int8 would take 64 rows and more, _choose_int8_prompt_matmul's other answer). With the
+    AVX2 build (CPUs without AVX-512 VNNI/BF16) only the GEMV's rows, and a bf16 model runs as fp32 on
+    its bf16 weights."""
     if many != "onednn" and not kernels.has_many_rows(kernels.gemv()):
         pytest.skip("the AVX2 build has no many-row kernels: fbgemm / oneDNN take calls of > 4 rows")
     native_bf16 = Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu"))
     rival = "fbgemm" if dtype == "int8" else "onednn"
+    all_rows = many == "panels-all"
+    many = "panels" if all_rows else many
     monkeypatch.setattr(GPT2LMHeadModel, "_choose_many",
                         lambda self, *a, **k: setattr(self, "many_rows", rival if many == "onednn" else many) or self.many_rows)
+    monkeypatch.setattr(GPT2LMHeadModel, "_choose_int8_prompt_matmul", lambda self, *a, **k: None if all_rows else 64)
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     m = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     m.prepare_for_serving(int8=dtype == "int8")
     fused = m._decode_layers
     assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1 if native_bf16 else 2, "float32": 2}[dtype]
     ours = m.many_rows in ("panels", "dot", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
-    assert fused.many == (0 if not ours else {"amx": 2, "dot": 3}.get(m.many_rows, 1))
+    assert fused.many == (0 if not ours else {"amx": 2, "dot": 3}.get(m.many_rows, 4 if all_rows else 1))
     assert fused.max_rows == (4 if not ours else 1 << 30)
     if batch > fused.max_rows:
         assert not ours
         return  # the Python blocks run these steps: nothing to compare
     g = torch.Generator().manual_seed(1)
     bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16, 3, 21, 11, 28, 7, 1, 19, 25, 13, 32, 2, 8][:batch]
+    lens += torch.randint(1, 33, (batch - len(lens),), generator=g).tolist()  # 70 rows: int8's matmul_int8 or panels
     cache = KVCache(cfg, 2 * batch, bs, torch.int8 if kv == "int8" else m.kv_dtype, torch.device("cpu"), compute_dtype=m.kv_dtype)
     if kv == "int8":  # contexts already cached
         cache.kv.copy_(torch.randint(-127, 128, cache.kv.shape, generator=g, dtype=torch.int8))
