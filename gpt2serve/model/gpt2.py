@@ -1046,6 +1046,8 @@ class GPT2LMHeadModel(nn.Module):
         calls = []
         for conv, act in ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0)):
             m = Int8Conv1D(conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None, gemv=gemv, many="panels")
+            if m.panels is None:  # the kernels do not take this shape (K not a multiple of 128): fbgemm does
+                return Int8Conv1D.matmul_rows
             x = torch.randn(rows, conv.weight.shape[0], generator=g)
             calls.append((m, x, act))
         kind, ms = fastest({
