@@ -227,25 +227,30 @@ def measure(
     quick: bool = False,
     passes: int | None = None,
     progress=None,
+    into: HardwareProfile | None = None,
+    bandwidth: bool = True,
 ) -> HardwareProfile:
     """Measure bandwidth and every (dtype, rows, shape) matmul that GPT-2 runs; ~1 min for 124M (~10 s quick).
 
     The whole table is measured `passes` times (default 2, quick 1) and each entry keeps its best: on a
     shared machine a burst of load from elsewhere then has to hit the same entry in every pass to
-    lower a ceiling.
+    lower a ceiling. `into`: a profile measured before (the peers script's earlier rounds), updated in
+    place the same way, best entry kept, and returned; `bandwidth=False` leaves its bandwidth alone
+    (the peers script probes that itself, once a round).
     """
     cost = cost or ModelCost()
     if threads is not None:
         torch.set_num_threads(threads)
     passes = passes or (1 if quick else 2)
-    bw: dict[str, float] = {}
-    prof = HardwareProfile(threads=torch.get_num_threads(), bandwidth=bw, cpu=_cpu_name())
+    prof = into or HardwareProfile(threads=torch.get_num_threads(), bandwidth={}, cpu=_cpu_name())
+    bw = prof.bandwidth
     shapes = sorted({(k, n) for k, n, _ in cost.shapes()})
     for _ in range(passes):
-        b = bandwidth_probe(quick)
-        for key in ("read_gbs", "copy_gbs"):
-            bw[key] = max(bw.get(key, 0.0), b[key])
-        bw["size_mib"] = b["size_mib"]
+        if bandwidth:
+            b = bandwidth_probe(quick)
+            for key in ("read_gbs", "copy_gbs"):
+                bw[key] = max(bw.get(key, 0.0), b[key])
+            bw["size_mib"] = b["size_mib"]
         for dtype in dtypes:
             table = prof.matmul.setdefault(dtype, {})
             for m in rows:

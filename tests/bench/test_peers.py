@@ -39,7 +39,7 @@ def test_peers_quick_transformers_and_ours(tmp_path, capsys):
     assert md.strip() in capsys.readouterr().out
 
 
-def test_peers_rounds_take_turns_and_keep_each_figures_best(tmp_path):
+def test_peers_rounds_take_turns_and_keep_each_figures_best(tmp_path, capsys):
     out = tmp_path / "peers.json"
     rc = peers.main(["--quick", "--rounds", "2", "--engines", "transformers,ours", "--dtypes", "transformers:float32,ours:float32",
                      "--config", json.dumps(TINY), "--batches", "1", "--new-tokens", "4", "--prefill-len", "16",
@@ -56,6 +56,8 @@ def test_peers_rounds_take_turns_and_keep_each_figures_best(tmp_path):
     # the bandwidth measured before each round, the ceilings from the best
     bw = report["hardware"]["bandwidth_rounds"]
     assert len(bw) == 2 and report["hardware"]["bandwidth"]["read_gbs"] == max(bw)
+    # and the matmul table again before the second round (hardware.measure(into=...), tested in test_stats)
+    assert "measuring memory bandwidth and matmul throughput again" in capsys.readouterr().err
     s = next(s for s in report["summary"] if s["metric"] == "decode_b1")
     ours = next(r for r in report["results"] if r["engine"] == "ours" and r["metric"] == "decode_b1")
     hf = next(r for r in report["results"] if r["engine"] == "transformers" and r["metric"] == "decode_b1")

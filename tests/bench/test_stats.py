@@ -84,6 +84,24 @@ def _flat_profile(cost, gflops: dict[str, float], rows, bw_gbs: float) -> hardwa
     return prof
 
 
+def test_measuring_into_a_profile_keeps_each_entrys_best():
+    """The peers script measures the matmul table again before every round into the same profile:
+    an entry measured slower than before keeps its old time, one measured faster takes the new one,
+    and bandwidth=False leaves the bandwidth as it was."""
+    cost = hardware.ModelCost(n_layer=1, n_embd=64, vocab_size=128, n_positions=64)
+    shapes = [f"{k}x{n}" for k, n in sorted({(k, n) for k, n, _ in cost.shapes()})]
+    slow, fast = shapes[0], shapes[1]
+    prof = _flat_profile(cost, {"float32": 1.0}, rows=(4,), bw_gbs=35.0)  # 1 GFLOP/s: far slower than any CPU
+    prof.matmul["float32"]["4"][fast] = {"gflops": 1e9, "seconds": 1e-15, "layout": "kn"}  # faster than any CPU
+    before = prof.matmul["float32"]["4"][slow]["seconds"]
+    got = hardware.measure(cost, dtypes=("float32",), rows=(4,), quick=True, passes=1, into=prof, bandwidth=False)
+    assert got is prof and prof.bandwidth == {"read_gbs": 35.0, "copy_gbs": 35.0}
+    table = prof.matmul["float32"]["4"]
+    assert table[slow]["seconds"] < before and table[slow]["gflops"] > 1.0
+    assert table[fast]["seconds"] == 1e-15
+    assert set(table) == set(shapes)
+
+
 def test_ceilings_are_the_lower_of_bandwidth_and_compute():
     cost = hardware.ModelCost()
     prof = _flat_profile(cost, {"float32": 190.0, "int8": 800.0}, rows=(1, 8, 32, 512), bw_gbs=35.0)
