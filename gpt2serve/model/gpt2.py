@@ -575,14 +575,11 @@ class Int8Conv1D(nn.Module):
     matmul_rows: int | None = 64
     gemv_tensors = ("q", "qsum", "scale", "bias")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels",
-                 matmul_rows: int | None = 64):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, amx: bool = False, gemv=None, many: str = "panels"):
         """many: what runs calls of 5-63 rows with the kernels, "panels" (matmul_int8_panels) or
-        "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX).
-        matmul_rows: see the class attribute (None with the panels: they take every row count)."""
+        "fbgemm" (see panels_win), or of 5 rows and up "amx" (matmul_int8_amx, on CPUs with AMX)."""
         super().__init__()
         self.many = many
-        self.matmul_rows = matmul_rows
         w = weight.detach().float()  # (in, out)
         scale = w.abs().amax(dim=0).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale).to(torch.int8).t().contiguous()  # (out, in), the kernels' layout
@@ -958,8 +955,7 @@ class GPT2LMHeadModel(nn.Module):
             # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
             many = self._amx_kernels(gemv) or self._choose_many(
                 lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
-            matmul_rows = self._choose_int8_prompt_matmul(gemv) if many == "panels" else Int8Conv1D.matmul_rows
-            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many, matmul_rows=matmul_rows)  # noqa: E731
+            replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
                 # were ~38% of an int8 step at batch 32): a bf16 cache halves those bytes, and its
@@ -983,6 +979,11 @@ class GPT2LMHeadModel(nn.Module):
         # int8 (per-vocab-row scales), bf16 and fp32 with the kernels replace the head too (fp32's GEMV
         # reads wte itself, its (out, in) weight); fp32 without them keeps `x @ W`, MKL's GEMV at one row
         self._lm_head = wte.t().contiguous() if replace is None or fp32 else replace(wte.t(), None)
+        if int8 and many == "panels":  # timed on the model's own projections, then set on every one (the head too)
+            matmul_rows = self._choose_int8_prompt_matmul(gemv)
+            for mod in self.modules():
+                if isinstance(mod, Int8Conv1D):
+                    mod.matmul_rows = matmul_rows
         self._decode_layers = DecodeLayers.build(self, gemv)
         if gemv is not None and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
             bf16 = self._choose_prompt_attention(gemv)
@@ -1038,18 +1039,13 @@ class GPT2LMHeadModel(nn.Module):
         taking turns, on layer 0's MLP (c_fc and c_proj: x of K = 768 and of 3072) at `rows` rows, as
         which wins depends on the CPU: 48 block matmuls at 512 rows, AMD Zen 4, panels 111.5 vs
         matmul_int8 125.5 ms (at 64 rows 15.1 vs 18.7); the Intel Xeon without AMX, alike at 64 rows.
-        Logged."""
-        if not has_many_rows(gemv):
-            return Int8Conv1D.matmul_rows
-        g = torch.Generator().manual_seed(0)  # the global RNG untouched
+        Called once layer 0's projections are Int8Conv1D. Logged."""
         mlp = self.transformer.h[0].mlp
-        calls = []
-        for conv, act in ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0)):
-            m = Int8Conv1D(conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None, gemv=gemv, many="panels")
-            if m.panels is None:  # the kernels do not take this shape (K not a multiple of 128): fbgemm does
-                return Int8Conv1D.matmul_rows
-            x = torch.randn(rows, conv.weight.shape[0], generator=g)
-            calls.append((m, x, act))
+        convs = ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0))
+        if not has_many_rows(gemv) or any(m.panels is None for m, _ in convs):
+            return Int8Conv1D.matmul_rows  # no matmul_int8, or shapes the kernels do not take (K % 128): fbgemm's
+        g = torch.Generator().manual_seed(0)  # the global RNG untouched
+        calls = [(m, torch.randn(rows, m.q.shape[1], generator=g), act) for m, act in convs]
         kind, ms = fastest({
             "matmul_int8": lambda: [gemv.matmul_int8(x, m.q, m.scale, m.bias, None, a) for m, x, a in calls],
             "panels": lambda: [gemv.matmul_int8_panels(x, m.panels, m.qsum, m.scale, m.bias, None, a) for m, x, a in calls],
