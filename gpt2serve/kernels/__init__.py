@@ -10,9 +10,9 @@ or `vdpbf16ps`) and
 `decode_layers` (every block of a decode step), on x86 CPUs with AVX-512 VNNI and BF16 (gemv.cpp).
 On x86 CPUs with AVX2 and FMA but not those (AMD Zen 2/3, most laptops) it returns
 `torch.ops.gpt2serve_avx2` instead (gemv_avx2.cpp): the same schemas for the GEMVs (int8, fp32; the
-latter also on bf16 weights), GELU, argmax, decode and prompt attention, K/V writes and decode_layers,
-without the many-row matmuls or bf16/AMX products (callers check with `has_many_rows` / hasattr and
-keep torch's kernels for those). The two share kernels/common.h (argument checks). It is
+latter also on bf16 weights), the many-row matmuls `matmul_panels` (fp32) and `matmul_int8_panels`
+on 16-column panels (`panel_width`), GELU, argmax, decode and prompt attention, K/V writes and
+decode_layers, without matmul_int8 and the bf16 / AMX products (callers check with hasattr). The two share kernels/common.h (argument checks). It is
 None when neither can be had here (no AVX2, no C++ compiler, a failed build); callers then keep
 torch's kernels. The build goes through torch.utils.cpp_extension (ninja, the system C++
 compiler) into torch's extensions folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
@@ -71,8 +71,16 @@ def has_vnni() -> bool:
 
 
 def has_many_rows(ops) -> bool:
-    """Whether `ops` has the many-row matmuls (panels, bf16 dot products): the AVX-512 build only."""
+    """Whether `ops` has the many-row matmuls (panels): both builds (the AVX2 one without matmul_int8
+    and the bf16 / AMX products)."""
     return ops is not None and hasattr(ops, "matmul_panels")
+
+
+def panel_width(ops) -> int:
+    """Output columns per panel of `ops`' many-row matmuls: 32 in the AVX-512 build (two zmm
+    vectors), 16 in the AVX2 one (two ymm); the model packs its weights to match (pack_panels,
+    pack_int8_panels)."""
+    return 16 if is_avx2(ops) else 32
 
 
 def is_avx2(ops) -> bool:
@@ -100,8 +108,7 @@ def _build(key: str, source: Path, cflags: list[str], namespace: str):
             ops = getattr(torch.ops, namespace)
             ops.gemv_int8, ops.gemv_f32  # noqa: B018 - raises if registration failed
             _state[key] = ops
-            log.info("%s kernels ready (%.1f s)%s", key, time.perf_counter() - t0,
-                     "" if supported() else ": this CPU lacks AVX-512 VNNI/BF16; torch's kernels for many rows")
+            log.info("%s kernels ready (%.1f s)", key, time.perf_counter() - t0)
         except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels still work
             log.warning("%s kernels unavailable, using torch's kernels: %s", key,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)

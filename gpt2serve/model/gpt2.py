@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2serve.kernels import has_many_rows, is_avx2
+from gpt2serve.kernels import has_many_rows, is_avx2, panel_width
 
 log = logging.getLogger(__name__)
 
@@ -350,20 +350,26 @@ class Bf16Conv1D(nn.Module):
         )
 
 
-def _pad_to_panels(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
-    """w with its output columns (dimension `dim`) zero-padded to a multiple of 32, and the number
-    of 32-column panels."""
-    P = (w.shape[dim] + 31) // 32
-    pad = [0, 0] * (w.dim() - 1 - dim) + [0, P * 32 - w.shape[dim]]
+def _pad_to_panels(w: torch.Tensor, dim: int, width: int = 32) -> tuple[torch.Tensor, int]:
+    """w with its output columns (dimension `dim`) zero-padded to a multiple of `width`, and the
+    number of panels of that many columns."""
+    P = (w.shape[dim] + width - 1) // width
+    pad = [0, 0] * (w.dim() - 1 - dim) + [0, P * width - w.shape[dim]]
     return F.pad(w, pad), P
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+def pack_panels(weight: torch.Tensor, width: int = 32) -> torch.Tensor:
     """(in, out) = (K, N) weight, bf16 or fp32 -> the panels matmul_panels reads (gemv.cpp):
     (ceil(N / 32), K, 32) in the weight's dtype, each panel 32 output columns (the last zero-padded).
     bf16 rows pair column c with c + 16 in 32 bits, so one 64-byte load widens to two fp32 vectors
-    with one instruction each; fp32 rows are the 32 columns in order."""
+    with one instruction each; fp32 rows are the 32 columns in order. width 16 (the AVX2 build,
+    `panel_width`): fp32 only, (ceil(N / 16), K, 16), columns in order."""
     K = weight.shape[0]
+    if width == 16:
+        if weight.dtype != torch.float32:
+            raise ValueError("16-column panels (the AVX2 build) are fp32")
+        w, P = _pad_to_panels(weight, 1, 16)
+        return w.view(K, P, 16).permute(1, 0, 2).contiguous()
     w, P = _pad_to_panels(weight, 1)  # (K, 32P)
     if w.dtype == torch.bfloat16:
         return w.view(K, P, 2, 16).permute(1, 0, 3, 2).contiguous().view(P, K, 32)  # [p, k, 2i + h] = w[k, 32p + 16h + i]
@@ -388,7 +394,7 @@ def many_rows_weights(w: torch.Tensor, many: str, gemv) -> tuple[torch.Tensor | 
     if many in ("amx", "dot") and gemv is not None:  # bf16 only; the same layout for both
         return pack_amx_bf16(w.t()), None
     if many == "panels" and gemv is not None:
-        return pack_panels(w.t()), None
+        return pack_panels(w.t(), panel_width(gemv)), None
     return None, torch.ops.mkldnn._reorder_linear_weight(w, 16)
 
 
@@ -593,7 +599,7 @@ class Int8Conv1D(nn.Module):
             self.q, self.scale, self.bias = q, scale.float().contiguous(), bias
             self.qsum = q.sum(dim=1, dtype=torch.int32)  # (out,): takes the activations' zero point back out
             if many in ("panels", "amx"):
-                self.panels = pack_int8_panels(q)
+                self.panels = pack_int8_panels(q, panel_width(self.gemv))
         # fbgemm's packed copy only where the kernels do not take every row count
         self._packed = self._prepack(q, scale, bias, "fbgemm") if self.panels is None else None
 
@@ -614,8 +620,8 @@ class Int8Conv1D(nn.Module):
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
-        if self.matmul_rows is not None and rows >= self.matmul_rows:  # the AVX2 build has no matmul_int8: fbgemm then
-            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a) if has_many_rows(self.gemv) else None
+        if self.matmul_rows is not None and rows >= self.matmul_rows and hasattr(self.gemv, "matmul_int8"):  # not in the AVX2 build
+            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         return None
@@ -653,11 +659,16 @@ class Int8Conv1D(nn.Module):
         return y if y is not None else residual + self(x)
 
 
-def pack_int8_panels(q: torch.Tensor) -> torch.Tensor:
+def pack_int8_panels(q: torch.Tensor, width: int = 32) -> torch.Tensor:
     """(out, in) = (N, K) int8 -> the panels matmul_int8_panels reads (gemv.cpp): (ceil(N / 32), K / 4,
     32, 4), each panel 32 output columns (the last zero-padded), each group of 4 inputs one
-    128-byte row of 4 bytes per column, the operand layout of vpdpbusd."""
+    128-byte row of 4 bytes per column, the operand layout of vpdpbusd. width 16 (the AVX2 build,
+    `panel_width`): (ceil(N / 16), K / 2, 16, 2), each pair of inputs a 32-byte row, vpmaddwd's
+    layout once widened to int16."""
     K = q.shape[1]
+    if width == 16:
+        q, P = _pad_to_panels(q, 0, 16)  # (16P, K)
+        return q.view(P, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()
     q, P = _pad_to_panels(q, 0)  # (32P, K)
     return q.view(P, 32, K // 4, 4).permute(0, 2, 1, 3).contiguous()
 
@@ -908,7 +919,7 @@ class GPT2LMHeadModel(nn.Module):
           (vocab, C) wte streams at about half the speed on this CPU); costs one more copy of wte.
         - int8: every Conv1D becomes Int8Conv1D and the head is int8 as well; the embeddings stay
           in float for the lookup. With AMX, calls of many rows run on oneDNN (see Int8Conv1D).
-          The KV cache is bf16 where the CPU computes bf16 natively (`kv_dtype`).
+          The KV cache is bf16 where the CPU computes bf16 natively or the kernels read it (`kv_dtype`).
         - bf16 on a CPU with oneDNN bf16: every Conv1D and the head become Bf16Conv1D; on a CPU
           without native bf16 the (bf16-rounded) weights widen to fp32 and it runs as fp32 does.
         - int8 and bf16 decode of <= 4 rows: the AVX-512 GEMV of gpt2serve/kernels, built on first use
@@ -956,10 +967,13 @@ class GPT2LMHeadModel(nn.Module):
             many = self._amx_kernels(gemv) or self._choose_many(
                 lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
-            if kernels == "auto" and Bf16Conv1D.supported(torch.bfloat16, wte.device):
+            paged = self.transformer.h[0].attn.paged_ops is not None
+            if kernels == "auto" and (Bf16Conv1D.supported(torch.bfloat16, wte.device) or paged):
                 # decode attention streams the whole context's K/V every step (the gather and SDPA
                 # were ~38% of an int8 step at batch 32): a bf16 cache halves those bytes, and its
-                # rounding is far below int8's (llama.cpp keeps an f16 cache by default)
+                # rounding is far below int8's (llama.cpp keeps an f16 cache by default). Without
+                # native bf16 too where the kernels' attention reads the cache (widening bf16 is
+                # a shift): 12 layers at batch 32, a context of 96, Zen 3: 17.3 -> 9.6 ms
                 self.kv_dtype = torch.bfloat16
         elif kernels == "auto" and Bf16Conv1D.supported(wte.dtype, wte.device):
             many = self._amx_kernels(gemv) or self._choose_many(lambda w, m: Bf16Conv1D(w, None, gemv=gemv, many=m), gemv,
@@ -985,7 +999,8 @@ class GPT2LMHeadModel(nn.Module):
                 if isinstance(mod, Int8Conv1D):
                     mod.matmul_rows = matmul_rows
         self._decode_layers = DecodeLayers.build(self, gemv)
-        if gemv is not None and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
+        if gemv is not None and not is_avx2(gemv) and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
+            # (the AVX2 build's prompt attention is in fp32 either way: no bf16 products there)
             bf16 = self._choose_prompt_attention(gemv)
             for block in self.transformer.h:
                 block.attn.prefill_bf16 = bf16
@@ -1042,8 +1057,10 @@ class GPT2LMHeadModel(nn.Module):
         Called once layer 0's projections are Int8Conv1D. Logged."""
         mlp = self.transformer.h[0].mlp
         convs = ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0))
-        if not has_many_rows(gemv) or any(m.panels is None for m, _ in convs):
-            return Int8Conv1D.matmul_rows  # no matmul_int8, or shapes the kernels do not take (K % 128): fbgemm's
+        if any(m.panels is None for m, _ in convs):
+            return Int8Conv1D.matmul_rows  # shapes the kernels do not take (K % 128): fbgemm's
+        if not hasattr(gemv, "matmul_int8"):
+            return None  # the AVX2 build: its panels take every row count
         g = torch.Generator().manual_seed(0)  # the global RNG untouched
         calls = [(m, torch.randn(rows, m.q.shape[1], generator=g), act) for m, act in convs]
         kind, ms = fastest({

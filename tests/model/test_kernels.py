@@ -120,7 +120,7 @@ def test_avx2_kernels_build_and_serve_cpus_without_avx512(tmp_path):
     _builds_fresh(tmp_path, "gemv_avx2")
     avx2 = kernels.gemv_avx2()
     assert (kernels.gemv() is avx2) == (not kernels.supported())
-    assert not kernels.has_many_rows(avx2) and kernels.has_many_rows(kernels.gemv()) == kernels.supported()
+    assert kernels.has_many_rows(avx2) and kernels.panel_width(avx2) == 16 and not hasattr(avx2, "matmul_int8")
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         avx2.gemv_f32(torch.zeros(9, 64), torch.zeros(8, 64), None, None, 0)
 
@@ -151,15 +151,52 @@ def test_avx2_gemv_int8_is_the_exact_integer_product():
 
 @pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
 @pytest.mark.parametrize("kind", ["int8", "fp32"])
-def test_avx2_projections_match_conv1d(kind):
+@pytest.mark.parametrize("many", ["torch", "panels"])
+def test_avx2_projections_match_conv1d(kind, many):
     """The projection modules as prepare_for_serving makes them on an AVX2 CPU (the AVX2 GEMV up to 4
-    rows, fbgemm / oneDNN above: the AVX2 build has no many-row kernels) compute what Conv1D does."""
+    rows; above, fbgemm / oneDNN or the AVX2 build's 16-column panels, whichever won at load)
+    compute what Conv1D does."""
     ops = kernels.gemv_avx2()
     ref = _conv(128, 384)
     if kind == "int8":
-        _check(Int8Conv1D(ref.weight, ref.bias, gemv=ops, many="fbgemm"), ref, torch.float32, 0.03)
+        m = Int8Conv1D(ref.weight, ref.bias, gemv=ops, many="fbgemm" if many == "torch" else many)
+        assert m.panels is None if many == "torch" else m.panels.shape == (24, 64, 16, 2)
+        _check(m, ref, torch.float32, 0.03)
     else:
-        _check(F32Conv1D(ref.weight, ref.bias, gelu_ops=ops, gemv=ops, many="onednn"), ref, torch.float32, 1e-5)
+        m = F32Conv1D(ref.weight, ref.bias, gelu_ops=ops, gemv=ops, many="onednn" if many == "torch" else many)
+        assert m.panels is None if many == "torch" else m.panels.shape == (24, 128, 16)
+        _check(m, ref, torch.float32, 1e-5)
+
+
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+@pytest.mark.parametrize("rows", [5, 13, 37, 70])
+def test_avx2_int8_panels_rows_equal_each_row_alone(rows):
+    """The AVX2 build's int8 panels (vpmaddwd on int16-widened operands) give each row the GEMV's
+    exact integer dot products and epilogue: every row of a batch equals that row alone on the GEMV,
+    to the bit, whatever the other rows hold (an outlier row included), with full-range weights
+    and activations (+-127), in every epilogue; 70 rows: the panels also take prompts here (this
+    build has no matmul_int8), whatever matmul_rows says."""
+    from gpt2serve.model.gpt2 import pack_int8_panels
+
+    ops = kernels.gemv_avx2()
+    ref = _conv(128, 360)  # 360 columns: the last 16-column panel half padding
+    m = Int8Conv1D(ref.weight, ref.bias, gemv=ops, many="panels")
+    assert m._packed is None and m.matmul_rows == 64  # the class default: ignored without matmul_int8
+    m.q[:, :64] = torch.where(torch.arange(64) % 2 == 0, 127, -127).to(torch.int8)
+    m.panels = pack_int8_panels(m.q, 16)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 128, generator=g)
+    x[:, :32] = torch.where(torch.rand(rows, 32, generator=g) < 0.5, -1.0, 1.0) * x.abs().amax()
+    x[rows // 2] *= 50  # an outlier row: with a shared scale it would coarsen every other row
+    res = torch.randn(rows, 360, generator=g)
+    with torch.inference_mode():
+        for call in (lambda a, r: m(a), lambda a, r: m.forward_gelu(a, "tanh"),
+                     lambda a, r: m.forward_gelu(a, "none"), lambda a, r: m.forward_add(a, r)):
+            whole = call(x, res)
+            for i in range(rows):
+                assert torch.equal(whole[i:i + 1], call(x[i:i + 1], res[i:i + 1])), i
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.matmul_int8_panels(x, m.panels, m.qsum, m.scale[:300].contiguous(), None, None, 0)
 
 
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
@@ -179,25 +216,30 @@ def test_bf16_matches_conv1d(gemv, many):
     _check(kernel, ref, torch.bfloat16, 0.02)
 
 
-@pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("n", [40, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_matmul_panels_output_widths_that_are_not_panel_multiples(n, dtype):
+def test_matmul_panels_output_widths_that_are_not_panel_multiples(n, dtype, ops):
     """The head's case (50,257 columns): the last panel is zero-padded and its padding is never
-    written; every real column equals the fp32 product of the bf16 weights."""
+    written; every real column equals the fp32 product of the (bf16) weights. Both builds, each
+    with its panel width (the AVX2 build's: fp32 only), rows in uneven groups (9, 13, 31)."""
     from gpt2serve.model.gpt2 import pack_panels
 
-    ops = kernels.gemv()
+    width = kernels.panel_width(ops)
+    if width == 16 and dtype == torch.bfloat16:
+        with pytest.raises(ValueError, match="fp32"):
+            pack_panels(torch.zeros(64, n, dtype=dtype), width)
+        return
     g = torch.Generator().manual_seed(n)
     w = (torch.randn(64, n, generator=g) * 0.05).to(dtype)
-    x = torch.randn(9, 64, generator=g)
-    panels = pack_panels(w)
-    assert panels.shape == ((n + 31) // 32, 64, 32)
-    y = ops.matmul_panels(x, panels, n, None, None, 0)
-    assert y.shape == (9, n)
-    assert _rel(y, x @ w.float()) < 1e-5
+    panels = pack_panels(w, width)
+    assert panels.shape == ((n + width - 1) // width, 64, width)
+    for rows in (9, 13, 31):
+        x = torch.randn(rows, 64, generator=g)
+        y = ops.matmul_panels(x, panels, n, None, None, 0)
+        assert y.shape == (rows, n)
+        assert _rel(y, x @ w.float()) < 1e-5
     with pytest.raises(RuntimeError, match="N does not match"):
-        ops.matmul_panels(x, panels, n + 32, None, None, 0)
+        ops.matmul_panels(x, panels, n + width, None, None, 0)
 
 
 @pytest.mark.skipif(not kernels.supported() or not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
@@ -509,11 +551,11 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypa
     AMX tiles where the CPU has them) when they are the kernels', none when oneDNN or fbgemm takes them (many:
     what the load-time choice, panels_win, is made to return; int8's "panels-all": the panels also
     where matmul_int8 would take 64 rows and more, _choose_int8_prompt_matmul's other answer). With the
-    AVX2 build (CPUs without AVX-512 VNNI/BF16) only the GEMV's rows, and a bf16 model runs as fp32 on
-    its bf16 weights."""
-    if many != "onednn" and not kernels.has_many_rows(kernels.gemv()):
-        pytest.skip("the AVX2 build has no many-row kernels: fbgemm / oneDNN take calls of > 4 rows")
+    AVX2 build (CPUs without AVX-512 VNNI/BF16) its 16-column panels (int8 at every row count: no
+    matmul_int8 there), and a bf16 model runs as fp32 on its bf16 weights."""
     native_bf16 = Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu"))
+    if many == "dot" and not native_bf16:
+        pytest.skip("no native bf16 here: a bf16 model runs as fp32, whose choice is panels or oneDNN")
     rival = "fbgemm" if dtype == "int8" else "onednn"
     all_rows = many == "panels-all"
     many = "panels" if all_rows else many
