@@ -620,8 +620,11 @@ class Int8Conv1D(nn.Module):
             return self.gemv.gemv_int8(x, self.q, self.qsum, self.scale, self.bias, residual, a)
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
-        if self.matmul_rows is not None and rows >= self.matmul_rows and hasattr(self.gemv, "matmul_int8"):  # not in the AVX2 build
-            return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
+        if self.matmul_rows is not None and rows >= self.matmul_rows:
+            if hasattr(self.gemv, "matmul_int8"):
+                return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
+            if self._packed is not None:  # the AVX2 build, where fbgemm won at prompts (_choose_int8_prompt_matmul)
+                return None
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         return None
@@ -842,6 +845,8 @@ class DecodeLayers:
         self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
         if self.many:
             self.max_rows = first.onednn_rows - 1 if mode == 0 and first._packed_amx is not None else 1 << 30
+            if mode == 0 and first.matmul_rows is not None and first._packed is not None:
+                self.max_rows = first.matmul_rows - 1  # the AVX2 build: fbgemm takes int8's calls from there
         self.params: list[torch.Tensor] = []
         for b in blocks:
             self.params += [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
@@ -964,8 +969,13 @@ class GPT2LMHeadModel(nn.Module):
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
             # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
+            # fbgemm only where it is > 10% faster: the panels compute each row as the GEMV does (8-bit
+            # activations, a scale per row; fbgemm one 7-bit scale per call, so a row's result depends
+            # on its batch) and let decode_layers take the step; on AMD Zen 3 (no VNNI) the two ran
+            # within noise of each other (c_fc at 12 rows 0.36-0.46 ms each). Timed at 12 rows where AMX's
+            # oneDNN takes 16 and more, else at 32 (steadier than 12 on that machine).
             many = self._amx_kernels(gemv) or self._choose_many(
-                lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12)
+                lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12 if amx else 32, rival_margin=1.1)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             paged = self.transformer.h[0].attn.paged_ops is not None
             if kernels == "auto" and (Bf16Conv1D.supported(torch.bfloat16, wte.device) or paged):
@@ -998,6 +1008,9 @@ class GPT2LMHeadModel(nn.Module):
             for mod in self.modules():
                 if isinstance(mod, Int8Conv1D):
                     mod.matmul_rows = matmul_rows
+                    if matmul_rows is not None and mod.gemv is not None and not hasattr(gemv, "matmul_int8"):
+                        # the AVX2 build, where fbgemm beat the panels at prompts: its copy for those
+                        mod._packed = Int8Conv1D._prepack(mod.q, mod.scale, mod.bias, "fbgemm")
         self._decode_layers = DecodeLayers.build(self, gemv)
         if gemv is not None and not is_avx2(gemv) and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
             # (the AVX2 build's prompt attention is in fp32 either way: no bf16 products there)
@@ -1035,13 +1048,18 @@ class GPT2LMHeadModel(nn.Module):
         log.info("matmuls of > 4 rows: the kernels' AMX tiles")
         return "amx"
 
-    def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32, ours: tuple[str, ...] = ("panels",)) -> str:
+    def _choose_many(self, make, gemv, rival: str = "onednn", rows: int = 32, ours: tuple[str, ...] = ("panels",),
+                     rival_margin: float = 1.0) -> str:
         """What runs the projections' calls of > 4 rows (int8: 5-63): the fastest on this CPU of the
-        kernels' matmuls (`ours`) and `rival`'s, timed once on layer 0's c_fc (panels_win). Kept in
-        `self.many_rows` and logged."""
+        kernels' matmuls (`ours`) and `rival`'s, timed once on layer 0's c_fc (panels_win), the rival
+        only where it is faster than ours by `rival_margin` (int8: 1.1, see prepare_for_serving).
+        Kept in `self.many_rows` and logged."""
         many = rival
-        if has_many_rows(gemv):  # the AVX-512 build (the AVX2 one leaves these to torch's kernels)
+        if has_many_rows(gemv):
             many, ms = panels_win(make, self.transformer.h[0].mlp.c_fc.weight.detach(), rival=rival, rows=rows, ours=ours)
+            best_ours = min(ours, key=ms.get)
+            if many == rival and ms[rival] * rival_margin > ms[best_ours]:
+                many = best_ours
             log.info("matmuls of > 4 rows: %s (c_fc at %d rows: %s)", many, rows,
                      ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         self.many_rows = many
@@ -1054,21 +1072,39 @@ class GPT2LMHeadModel(nn.Module):
         taking turns, on layer 0's MLP (c_fc and c_proj: x of K = 768 and of 3072) at `rows` rows, as
         which wins depends on the CPU: 48 block matmuls at 512 rows, AMD Zen 4, panels 111.5 vs
         matmul_int8 125.5 ms (at 64 rows 15.1 vs 18.7); the Intel Xeon without AMX, alike at 64 rows.
-        Called once layer 0's projections are Int8Conv1D. Logged."""
-        mlp = self.transformer.h[0].mlp
+        The AVX2 build has no matmul_int8: there the rival is fbgemm (7-bit activations, one scale per
+        call), whose copy of the weights prepare_for_serving then makes for every projection: on the
+        AMD Zen 3 machine prefill of 512 tokens ran 741 tok/s on the panels, 921 on fbgemm (A/B in
+        one process). Called once layer 0's projections are Int8Conv1D. Logged."""
+        block = self.transformer.h[0]
+        mlp = block.mlp
         convs = ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0))
+        if not hasattr(gemv, "matmul_int8"):  # fbgemm: the whole block's projections at 512 rows (the MLP at 256 measured alike)
+            convs = ((block.attn.c_attn, 0), (block.attn.c_proj, 0), *convs)
+            rows = 512
         if any(m.panels is None for m, _ in convs):
             return Int8Conv1D.matmul_rows  # shapes the kernels do not take (K % 128): fbgemm's
-        if not hasattr(gemv, "matmul_int8"):
-            return None  # the AVX2 build: its panels take every row count
         g = torch.Generator().manual_seed(0)  # the global RNG untouched
         calls = [(m, torch.randn(rows, m.q.shape[1], generator=g), act) for m, act in convs]
+        if hasattr(gemv, "matmul_int8"):
+            rival = "matmul_int8"
+            run_rival = lambda: [gemv.matmul_int8(x, m.q, m.scale, m.bias, None, a) for m, x, a in calls]  # noqa: E731
+        else:  # the AVX2 build: fbgemm, whose copy of the weights is made only if it wins (prepare_for_serving)
+            rival = "fbgemm"
+            packed = [Int8Conv1D._prepack(m.q, m.scale, m.bias, "fbgemm") for m, _ in convs]
+
+            def run_rival():  # as Int8Conv1D.forward / forward_gelu run it
+                for p, (m, x, a) in zip(packed, calls):
+                    y = torch.ops.quantized.linear_dynamic(x, p, True)
+                    if a:
+                        gelu(y, mlp.approximate, gemv)
         kind, ms = fastest({
-            "matmul_int8": lambda: [gemv.matmul_int8(x, m.q, m.scale, m.bias, None, a) for m, x, a in calls],
+            rival: run_rival,
             "panels": lambda: [gemv.matmul_int8_panels(x, m.panels, m.qsum, m.scale, m.bias, None, a) for m, x, a in calls],
         }, repeats)
-        log.info("int8 matmuls of >= %d rows: %s (MLP at %d rows: %s)", Int8Conv1D.matmul_rows,
-                 "the panels" if kind == "panels" else "matmul_int8", rows, ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+        log.info("int8 matmuls of >= %d rows: %s (%s at %d rows: %s)", Int8Conv1D.matmul_rows,
+                 "the panels" if kind == "panels" else rival, "MLP" if len(convs) == 2 else "block 0", rows,
+                 ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         return None if kind == "panels" else Int8Conv1D.matmul_rows
 
     def refresh_gemv_weights(self) -> None:

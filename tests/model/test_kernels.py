@@ -199,6 +199,29 @@ def test_avx2_int8_panels_rows_equal_each_row_alone(rows):
         ops.matmul_int8_panels(x, m.panels, m.qsum, m.scale[:300].contiguous(), None, None, 0)
 
 
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+def test_avx2_int8_prompts_on_fbgemm_where_it_wins(monkeypatch):
+    """With the AVX2 build, where fbgemm beat the panels at prompts (_choose_int8_prompt_matmul, made
+    to answer so here), every projection gets fbgemm's copy too: calls of >= matmul_rows rows run on
+    it (its 7-bit activations: not the GEMV's numbers), fewer on the panels (each row the GEMV's),
+    and decode_layers stops below matmul_rows."""
+    gemv_avx2 = kernels.gemv_avx2()
+    monkeypatch.setattr(kernels, "gemv", lambda: gemv_avx2)  # this build whatever the CPU
+    monkeypatch.setattr(GPT2LMHeadModel, "_choose_many", lambda self, *a, **k: setattr(self, "many_rows", "panels") or "panels")
+    monkeypatch.setattr(GPT2LMHeadModel, "_choose_int8_prompt_matmul", lambda self, gemv: 64)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=128, n_positions=128, vocab_size=300)
+    m = GPT2LMHeadModel(cfg).init_random(seed=3).prepare_for_serving(int8=True)
+    fc = m.transformer.h[0].mlp.c_fc
+    assert m.kernels is gemv_avx2 and fc.panels is not None and fc._packed is not None and fc.matmul_rows == 64
+    assert m._decode_layers.max_rows == 63
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        x = torch.randn(70, 128, generator=g)
+        assert torch.equal(fc(x), torch.ops.quantized.linear_dynamic(x, fc._packed, True))
+        x = torch.randn(37, 128, generator=g)
+        assert torch.equal(fc(x)[:1], fc(x[:1]))  # the panels: row 0 as the GEMV computes it alone
+
+
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
@@ -569,9 +592,11 @@ def test_decode_layers_equals_the_python_blocks(dtype, batch, many, kv, monkeypa
     assert fused is not None and fused.mode == {"int8": 0, "bfloat16": 1 if native_bf16 else 2, "float32": 2}[dtype]
     ours = m.many_rows in ("panels", "dot", "amx")  # with AMX, int8 and bf16 take the tiles whatever panels_win says
     assert fused.many == (0 if not ours else {"amx": 2, "dot": 3}.get(m.many_rows, 4 if all_rows else 1))
-    assert fused.max_rows == (4 if not ours else 1 << 30)
+    # the AVX2 build (no matmul_int8) hands int8's calls of >= 64 rows to fbgemm unless the panels take all
+    fbgemm_prompts = ours and dtype == "int8" and not all_rows and kernels.is_avx2(m.kernels)
+    assert fused.max_rows == (4 if not ours else 63 if fbgemm_prompts else 1 << 30)
     if batch > fused.max_rows:
-        assert not ours
+        assert not ours or fbgemm_prompts
         return  # the Python blocks run these steps: nothing to compare
     g = torch.Generator().manual_seed(1)
     bs, lens = 16, [5, 17, 1, 30, 9, 2, 32, 16, 3, 21, 11, 28, 7, 1, 19, 25, 13, 32, 2, 8][:batch]
