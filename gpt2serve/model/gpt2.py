@@ -566,6 +566,10 @@ class Int8Conv1D(nn.Module):
     panels every row count runs the GEMV's arithmetic (AMX's oneDNN calls aside), and int8 keeps
     two int8 copies of the weights (plain and panels), plus oneDNN's with AMX.
 
+    The AVX2 build (CPUs without AVX-512 VNNI) has the panels too, 16 columns wide, on vpmaddwd
+    (exact, each row the GEMV's), but no matmul_int8: there fbgemm takes prompts where it times
+    faster (prepare_for_serving keeps its copy then), and batched decode where it is > 10% faster.
+
     On CPUs with AMX the kernels' matmul_int8_amx runs the same arithmetic on the tiles, over the
     same panels (`many="amx"`), for every call of 5 rows or more, and oneDNN's copy is not made. Over
     the 48 block matmuls (2-core AMX machine, ms): 8 rows 2.8 vs the VNNI panels' 3.1 and oneDNN's
@@ -968,12 +972,11 @@ class GPT2LMHeadModel(nn.Module):
             if wte.device.type != "cpu":
                 raise ValueError("int8 mode is for CPUs (VNNI); use bfloat16 or float16 on CUDA")
             amx = kernels == "auto" and has_amx()
-            # timed at 12 rows: from 16 AMX's oneDNN takes the calls either way
             # fbgemm only where it is > 10% faster: the panels compute each row as the GEMV does (8-bit
             # activations, a scale per row; fbgemm one 7-bit scale per call, so a row's result depends
             # on its batch) and let decode_layers take the step; on AMD Zen 3 (no VNNI) the two ran
-            # within noise of each other (c_fc at 12 rows 0.36-0.46 ms each). Timed at 12 rows where AMX's
-            # oneDNN takes 16 and more, else at 32 (steadier than 12 on that machine).
+            # within noise of each other (c_fc at 12 rows 0.36-0.46 ms each). Timed at 12 rows where
+            # AMX's oneDNN takes 16 and more either way, else at 32 (steadier than 12 on that machine).
             many = self._amx_kernels(gemv) or self._choose_many(
                 lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12 if amx else 32, rival_margin=1.1)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
@@ -1074,8 +1077,9 @@ class GPT2LMHeadModel(nn.Module):
         matmul_int8 125.5 ms (at 64 rows 15.1 vs 18.7); the Intel Xeon without AMX, alike at 64 rows.
         The AVX2 build has no matmul_int8: there the rival is fbgemm (7-bit activations, one scale per
         call), whose copy of the weights prepare_for_serving then makes for every projection: on the
-        AMD Zen 3 machine prefill of 512 tokens ran 741 tok/s on the panels, 921 on fbgemm (A/B in
-        one process). Called once layer 0's projections are Int8Conv1D. Logged."""
+        AMD Zen 3 machine prefill of 512 tokens ran 703-741 tok/s on the panels, 834-921 on fbgemm
+        (A/B in one process), where the MLP alone at 256 rows timed alike: so there the whole block
+        is timed, at 512 rows. Called once layer 0's projections are Int8Conv1D. Logged."""
         block = self.transformer.h[0]
         mlp = block.mlp
         convs = ((mlp.c_fc, _GEMV_ACT[mlp.approximate]), (mlp.c_proj, 0))

@@ -806,3 +806,31 @@ def test_kv_cache_asks_for_huge_pages():
     assert advise_huge_pages(torch.empty(1000)) is False
     cache = KVCache(GPT2Config(n_layer=2, n_embd=64, n_head=4), 512, 16, torch.float32, torch.device("cpu"))
     assert cache.kv.numel() * 4 > 4 << 20 and not cache.kv.any()
+
+
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+@pytest.mark.parametrize("batch", [1, 9])
+def test_int8_keeps_a_bf16_cache_where_the_kernels_read_it(batch):
+    """int8's KV cache is bf16 wherever the kernels' attention reads the cache, native bf16 or not
+    (the AVX2 build widens it in registers: half the bytes a decode step streams); a prompt and a
+    decode step over it give next-token logits within bf16's rounding of the same steps over an
+    fp32 cache, one sequence (a query per head) and nine (a sequence per task)."""
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
+    m = _prepared(cfg, "int8", seed=3)
+    assert m.transformer.h[0].attn.paged_ops is not None and m.kv_dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(batch)
+    T = 20
+    prompts = torch.randint(0, 300, (batch, T), generator=g)
+    logits = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        cache = KVCache(cfg, batch * 2, 16, dtype, torch.device("cpu"))
+        for b in range(batch):  # each prompt into its own two blocks
+            slots = torch.arange(T) + 32 * b
+            m(prompts[b], torch.arange(T), cache, AttentionMetadata(0, slots, None, None, [(0, T, None, None)]))
+        gather = torch.arange(T + 1)[None, :] + 32 * torch.arange(batch)[:, None]  # (B, T + 1)
+        meta = AttentionMetadata(num_decode=batch, slot_mapping=gather[:, T].contiguous(), decode_gather=gather,
+                                 decode_mask=None, prefills=[], decode_lens=torch.full((batch,), T + 1))
+        ids = torch.randint(0, 300, (batch,), generator=torch.Generator().manual_seed(7))
+        logits[dtype] = m.logits(m(ids, torch.full((batch,), T), cache, meta))
+    assert not torch.equal(logits[torch.bfloat16], logits[torch.float32])
+    assert _rel(logits[torch.bfloat16], logits[torch.float32]) < 0.02
