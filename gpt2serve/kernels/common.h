@@ -13,20 +13,14 @@ void check_epilogue(const char* name, int64_t M, int64_t N, const c10::optional<
                 name, ": residual (M, N) in the output's dtype");
 }
 
-// Calls f(std::integral_constant<int, M>{}) for M in 1..kMaxRows: the row count as a template
-// argument, so each kernel's per-row accumulators live in registers.
-template <typename F>
+// Calls f(std::integral_constant<int, M>{}) for M in 1..Max (M >= Max: Max): the row count as a
+// template argument, so each kernel's per-row accumulators live in registers.
+template <int Max = 8, typename F>
 void with_rows(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+  if constexpr (Max > 1) {
+    if (M < Max) return with_rows<Max - 1>(M, f);
   }
+  f(std::integral_constant<int, Max>{});
 }
 
 // The arguments' shapes for B queries of H heads of D values, and every length and slot in range

@@ -267,27 +267,19 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 constexpr int64_t kPanel = 16;
 constexpr int kGroupRows = 6;
 
+// tile(p, m0, rows) for every panel p of P (whole panels per thread) and M rows in ceil(M / 6)
+// groups of near-equal size, rows a compile-time constant
 template <typename F>
-void with_rows6(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
-  }
-}
-
-// f(m0, rows) for M rows in ceil(M / 6) groups of near-equal size
-template <typename F>
-void for_row_groups(int64_t M, F&& f) {
+void for_panel_tiles(int64_t P, int64_t M, F&& tile) {
   const int64_t groups = (M + kGroupRows - 1) / kGroupRows, base = M / groups, extra = M % groups;
-  for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-    const int64_t rows = base + (g < extra ? 1 : 0);
-    f(m0, rows);
-    m0 += rows;
-  }
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+        const int64_t rows = base + (g < extra ? 1 : 0);
+        with_rows<kGroupRows>(rows, [&](auto r) { tile(p, m0, r); });
+        m0 += rows;
+      }
+  });
 }
 
 // fp32: panels (ceil(N / 16), K, 16) fp32, the last zero-padded (pack_panels in gpt2.py with width 16)
@@ -339,13 +331,8 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for_row_groups(M, [&](int64_t m0, int64_t rows) {
-        with_rows6(rows, [&](auto r) {
-          f32_panel_tile<decltype(r)::value>(xp, K, wp + p * K * kPanel, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
-        });
-      });
+  for_panel_tiles(w.size(0), M, [&](int64_t p, int64_t m0, auto r) {
+    f32_panel_tile<decltype(r)::value>(xp, K, wp + p * K * kPanel, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
   });
   return y;
 }
@@ -431,14 +418,8 @@ at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for_row_groups(M, [&](int64_t m0, int64_t rows) {
-        with_rows6(rows, [&](auto r) {
-          int8_panel_tile<decltype(r)::value>(xq.get(), xs.data(), K, wp + p * K * kPanel, sp, m0, p * kPanel, N, bp, rp, yp, act,
-                                              m0 == 0);
-        });
-      });
+  for_panel_tiles(w.size(0), M, [&](int64_t p, int64_t m0, auto r) {
+    int8_panel_tile<decltype(r)::value>(xq.get(), xs.data(), K, wp + p * K * kPanel, sp, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
   });
   return y;
 }
