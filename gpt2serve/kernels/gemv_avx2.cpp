@@ -267,19 +267,15 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 constexpr int64_t kPanel = 16;
 constexpr int kGroupRows = 6;
 
-// tile(p, m0, rows) for every panel p of P (whole panels per thread) and M rows in ceil(M / 6)
-// groups of near-equal size, rows a compile-time constant
+// f(m0, rows) for M rows in ceil(M / 6) groups of near-equal size
 template <typename F>
-void for_panel_tiles(int64_t P, int64_t M, F&& tile) {
+void for_row_groups(int64_t M, F&& f) {
   const int64_t groups = (M + kGroupRows - 1) / kGroupRows, base = M / groups, extra = M % groups;
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-        const int64_t rows = base + (g < extra ? 1 : 0);
-        with_rows<kGroupRows>(rows, [&](auto r) { tile(p, m0, r); });
-        m0 += rows;
-      }
-  });
+  for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+    const int64_t rows = base + (g < extra ? 1 : 0);
+    f(m0, rows);
+    m0 += rows;
+  }
 }
 
 // fp32: panels (ceil(N / 16), K, 16) fp32, the last zero-padded (pack_panels in gpt2.py with width 16)
@@ -331,8 +327,13 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  for_panel_tiles(w.size(0), M, [&](int64_t p, int64_t m0, auto r) {
-    f32_panel_tile<decltype(r)::value>(xp, K, wp + p * K * kPanel, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
+  at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for_row_groups(M, [&](int64_t m0, int64_t rows) {
+        with_rows<kGroupRows>(rows, [&](auto r) {
+          f32_panel_tile<decltype(r)::value>(xp, K, wp + p * K * kPanel, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
+        });
+      });
   });
   return y;
 }
@@ -418,8 +419,14 @@ at::Tensor matmul_int8_panels(const at::Tensor& x, const at::Tensor& w, const at
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  for_panel_tiles(w.size(0), M, [&](int64_t p, int64_t m0, auto r) {
-    int8_panel_tile<decltype(r)::value>(xq.get(), xs.data(), K, wp + p * K * kPanel, sp, m0, p * kPanel, N, bp, rp, yp, act, m0 == 0);
+  at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for_row_groups(M, [&](int64_t m0, int64_t rows) {
+        with_rows<kGroupRows>(rows, [&](auto r) {
+          int8_panel_tile<decltype(r)::value>(xq.get(), xs.data(), K, wp + p * K * kPanel, sp, m0, p * kPanel, N, bp, rp, yp, act,
+                                              m0 == 0);
+        });
+      });
   });
   return y;
 }
