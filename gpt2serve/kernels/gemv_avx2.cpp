@@ -327,6 +327,8 @@ at::Tensor matmul_panels(const at::Tensor& x, const at::Tensor& w, int64_t N, co
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  // written out here and in matmul_int8_panels: through one shared helper taking the tile as a
+  // lambda, GCC kept this tile's accumulators on the stack (c_fc at 32 rows 3.3 vs 1.1 ms)
   at::parallel_for(0, w.size(0), 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for_row_groups(M, [&](int64_t m0, int64_t rows) {
