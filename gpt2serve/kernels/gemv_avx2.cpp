@@ -262,8 +262,8 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 // vs 50.6-53.2 at 32, alike at 128-512; in the engine fp32 batch 8 106 -> 164 tok/s, batch 32
 // 216 -> 284 (with decode_layers taking those steps). int8 runs at fbgemm's speed (0.95-1.16x its
 // time at 32 rows; vpmaddwd issues ~1 a cycle here, 16 products, the FMA's rate), but fbgemm
-// quantises the whole batch with one 7-bit scale (greedy agreement 4 of 16 tokens against fp32,
-// where the GEMV's 8-bit rows give 16) and leaves decode_layers out.
+// quantises the whole batch with one 7-bit scale, so that a row's result depends on the rest of
+// its batch, and it leaves decode_layers out.
 constexpr int64_t kPanel = 16;
 constexpr int kGroupRows = 6;
 
