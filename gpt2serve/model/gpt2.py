@@ -625,13 +625,26 @@ class Int8Conv1D(nn.Module):
         if self.many == "amx":
             return self.gemv.matmul_int8_amx(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         if self.matmul_rows is not None and rows >= self.matmul_rows:
+            if self.prompts_on_fbgemm:
+                return None
             if hasattr(self.gemv, "matmul_int8"):
                 return self.gemv.matmul_int8(x, self.q, self.scale, self.bias, residual, a)
-            if self._packed is not None:  # the AVX2 build, where fbgemm won at prompts (_choose_int8_prompt_matmul)
-                return None
         if self.panels is not None:
             return self.gemv.matmul_int8_panels(x, self.panels, self.qsum, self.scale, self.bias, residual, a)
         return None
+
+    def set_matmul_rows(self, rows: int | None) -> None:
+        """Where calls stop running on the panels (prepare_for_serving's timed choice): from `rows`
+        on matmul_int8, or where the kernels have none (the AVX2 build) fbgemm, whose copy of the
+        weights is made here; None: the panels at every row count."""
+        self.matmul_rows = rows
+        if rows is not None and self.panels is not None and not hasattr(self.gemv, "matmul_int8") and self._packed is None:
+            self._packed = self._prepack(self.q, self.scale, self.bias, "fbgemm")
+
+    @property
+    def prompts_on_fbgemm(self) -> bool:
+        """Whether calls of >= matmul_rows rows run on fbgemm although the panels exist (set_matmul_rows)."""
+        return self.matmul_rows is not None and self.panels is not None and self._packed is not None
 
     @staticmethod
     def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, engine: str):
@@ -849,7 +862,7 @@ class DecodeLayers:
         self.max_rows = min(Int8Conv1D.gemv_rows, Bf16Conv1D.gemv_rows, F32Conv1D.gemv_rows)
         if self.many:
             self.max_rows = first.onednn_rows - 1 if mode == 0 and first._packed_amx is not None else 1 << 30
-            if mode == 0 and first.matmul_rows is not None and first._packed is not None:
+            if mode == 0 and first.prompts_on_fbgemm:
                 self.max_rows = first.matmul_rows - 1  # the AVX2 build: fbgemm takes int8's calls from there
         self.params: list[torch.Tensor] = []
         for b in blocks:
@@ -1010,10 +1023,7 @@ class GPT2LMHeadModel(nn.Module):
             matmul_rows = self._choose_int8_prompt_matmul(gemv)
             for mod in self.modules():
                 if isinstance(mod, Int8Conv1D):
-                    mod.matmul_rows = matmul_rows
-                    if matmul_rows is not None and mod.gemv is not None and not hasattr(gemv, "matmul_int8"):
-                        # the AVX2 build, where fbgemm beat the panels at prompts: its copy for those
-                        mod._packed = Int8Conv1D._prepack(mod.q, mod.scale, mod.bias, "fbgemm")
+                    mod.set_matmul_rows(matmul_rows)
         self._decode_layers = DecodeLayers.build(self, gemv)
         if gemv is not None and not is_avx2(gemv) and self.kv_dtype == torch.bfloat16 and self.config.head_dim % 32 == 0:
             # (the AVX2 build's prompt attention is in fp32 either way: no bf16 products there)
