@@ -517,9 +517,10 @@ inline void prefetch_head(const T* p, int64_t D) {  // one head's D values of on
 // An 8-bit cache (T = int8_t) holds each slot's K and V per head as int8 values and one fp32 scale
 // (ks: (S, 2, H), K's H scales then V's); float caches pass ks = nullptr.
 // The scores of keys [j0, j0 + n) of head h, n <= 8 (rows past n repeat the last), scaled, into s[0..8).
-template <typename T>
+template <typename T, int64_t DC>
 inline void score8(const float* qh, const T* kv, const float* ks, const int64_t* slots, int64_t row, int64_t j0, int64_t n,
-                   int64_t H, int64_t D, int64_t h, float scale, float* s) {
+                   int64_t H, int64_t D_, int64_t h, float scale, float* s) {
+  const int64_t D = DC ? DC : D_;
   __m256 acc[8];
   for (int i = 0; i < 8; ++i) {
     const T* k = kv + slots[j0 + std::min<int64_t>(i, n - 1)] * row + h * D;
@@ -537,9 +538,10 @@ inline void score8(const float* qh, const T* kv, const float* ks, const int64_t*
 
 // Head h's softmax over its len scores sh (overwritten by the unnormalised probabilities; room for
 // len rounded up to 8) and the weighted sum of its V rows into out (D), the output in registers.
-template <typename T>
-inline void softmax_values(float* sh, int64_t len, const T* kv, const float* ks, const int64_t* slots, int64_t H, int64_t D,
+template <typename T, int64_t DC>
+inline void softmax_values(float* sh, int64_t len, const T* kv, const float* ks, const int64_t* slots, int64_t H, int64_t D_,
                            int64_t h, float* out) {
+  const int64_t D = DC ? DC : D_;
   const int64_t row = 2 * H * D;
   for (int64_t j = len; j < (len + 7) / 8 * 8; ++j) sh[j] = -INFINITY;  // the last block's padding
   __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -574,26 +576,28 @@ inline void softmax_values(float* sh, int64_t len, const T* kv, const float* ks,
 
 // One (sequence, head), for batches too small to give each thread whole sequences: the next block's
 // K and V of the head prefetched (a stride the hardware prefetchers do not follow).
-template <typename T>
-void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+template <typename T, int64_t DC>
+void attend(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D_,
             int64_t h, float scale, float* scores, float* out) {
+  const int64_t D = DC ? DC : D_;
   const int64_t row = 2 * H * D;
   for (int64_t j0 = 0; j0 < len; j0 += 8) {
     for (int64_t j = j0 + 8; j < std::min<int64_t>(j0 + 16, len); ++j) {
       prefetch_head(kv + slots[j] * row + h * D, D);
       prefetch_head(kv + slots[j] * row + H * D + h * D, D);  // its V, for the second pass
     }
-    score8(q, kv, ks, slots, row, j0, std::min<int64_t>(8, len - j0), H, D, h, scale, scores + j0);
+    score8<T, DC>(q, kv, ks, slots, row, j0, std::min<int64_t>(8, len - j0), H, D, h, scale, scores + j0);
   }
-  softmax_values(scores, len, kv, ks, slots, H, D, h, out);
+  softmax_values<T, DC>(scores, len, kv, ks, slots, H, D, h, out);
 }
 
 // Every head of one sequence: a slot's K and V of all heads are one contiguous row, each block of 8
 // slots' rows prefetched into L2 while the block before it is scored (spread over its heads), so
 // the second pass reads V from L2. scores: (H, len rounded up to 8); out: (H, D).
-template <typename T>
-void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D,
+template <typename T, int64_t DC>
+void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slots, int64_t len, int64_t H, int64_t D_,
                 float scale, float* scores, float* out) {
+  const int64_t D = DC ? DC : D_;
   const int64_t row = 2 * H * D, Lp = (len + 7) / 8 * 8;
   const int64_t lines = (row * static_cast<int64_t>(sizeof(T)) + 63) / 64;  // cache lines of a slot's row
   const int64_t per_head = (8 * lines + H - 1) / H;                         // the next block's lines per head
@@ -605,10 +609,10 @@ void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slo
       if constexpr (std::is_same<T, int8_t>::value)  // an 8-bit cache's scales of the next block
         if (h == 0)
           for (int64_t i = 0; i < nn; ++i) _mm_prefetch(reinterpret_cast<const char*>(ks + slots[j0 + 8 + i] * 2 * H), _MM_HINT_T1);
-      score8(q + h * D, kv, ks, slots, row, j0, n, H, D, h, scale, scores + h * Lp + j0);
+      score8<T, DC>(q + h * D, kv, ks, slots, row, j0, n, H, D, h, scale, scores + h * Lp + j0);
     }
   }
-  for (int64_t h = 0; h < H; ++h) softmax_values(scores + h * Lp, len, kv, ks, slots, H, D, h, out + h * D);
+  for (int64_t h = 0; h < H; ++h) softmax_values<T, DC>(scores + h * Lp, len, kv, ks, slots, H, D, h, out + h * D);
 }
 
 // decode_attention without the checks, for arguments check_paged has passed (decode_layers checks a
@@ -624,26 +628,32 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t threads = at::get_num_threads();
-  auto run = [&](const auto* kvp, const float* ks) {
+  // dc: the head size compiled in where it is 64 (every GPT-2 model), else 0 (D at run time), as in gemv.cpp
+  auto run = [&](const auto* kvp, const float* ks, auto dc) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
+    constexpr int64_t DC = decltype(dc)::value;
     if (B >= 2 * threads) {  // a few whole sequences per thread, handed out one at a time (lengths differ)
       std::atomic<int64_t> next{0};
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
         std::vector<float> scores(H * Lp);
         for (int64_t b; (b = next.fetch_add(1)) < B;)
-          attend_seq<T>(qp + b * H * D, kvp, ks, sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
+          attend_seq<T, DC>(qp + b * H * D, kvp, ks, sp + b * L, lp[b], H, D, scale, scores.data(), op + b * H * D);
       });
       return;
     }
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(Lp);
       for (int64_t i = i0; i < i1; ++i)
-        attend<T>(qp + i * D, kvp, ks, sp + (i / H) * L, lp[i / H], H, D, i % H, scale, scores.data(), op + i * D);
+        attend<T, DC>(qp + i * D, kvp, ks, sp + (i / H) * L, lp[i / H], H, D, i % H, scale, scores.data(), op + i * D);
     });
   };
-  if (kv.scalar_type() == at::kFloat) run(kv.data_ptr<float>(), nullptr);
-  else if (kv.scalar_type() == at::kBFloat16) run(kv.data_ptr<at::BFloat16>(), nullptr);
-  else run(kv.data_ptr<int8_t>(), kv_scale->data_ptr<float>());
+  auto with_dc = [&](auto dc) {
+    if (kv.scalar_type() == at::kFloat) run(kv.data_ptr<float>(), nullptr, dc);
+    else if (kv.scalar_type() == at::kBFloat16) run(kv.data_ptr<at::BFloat16>(), nullptr, dc);
+    else run(kv.data_ptr<int8_t>(), kv_scale->data_ptr<float>(), dc);
+  };
+  if (D == 64) with_dc(std::integral_constant<int64_t, 64>{});
+  else with_dc(std::integral_constant<int64_t, 0>{});
   return out.to(q.scalar_type());
 }
 

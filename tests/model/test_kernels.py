@@ -478,12 +478,14 @@ def test_prompt_attention_choice_keeps_the_logits(dtype):
     assert _rel(logits[True], logits[False]) < 0.02
 
 
+@pytest.mark.parametrize("D", [64, 32, 128], ids=["d64", "d32", "d128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_decode_attention_matches_gather_and_sdpa(dtype, ops):
+def test_decode_attention_matches_gather_and_sdpa(dtype, D, ops):
     """The paged decode-attention kernel equals the torch path (gather the contexts, masked SDPA)
-    on scattered slots and uneven lengths, including a length-1 context."""
+    on scattered slots and uneven lengths, including a length-1 context; for GPT-2's head size (64,
+    compiled into the kernel) and others (read at run time)."""
     g = torch.Generator().manual_seed(0)
-    S, H, D, B, L = 512, 4, 64, 5, 37
+    S, H, B, L = 512, 4, 5, 37
     kv = torch.randn(S, 2, H, D, generator=g).to(dtype)
     slots = torch.randperm(S, generator=g)[: B * L].view(B, L).contiguous()
     lens = torch.tensor([L, 1, 20, 36, 5])
@@ -504,12 +506,13 @@ def test_decode_attention_matches_gather_and_sdpa(dtype, ops):
         ops.decode_attention(q, kv, torch.full((B, L), S), lens)
 
 
-def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows(ops):
+@pytest.mark.parametrize("D", [64, 32], ids=["d64", "d32"])
+def test_decode_attention_over_an_int8_cache_matches_its_dequantized_rows(D, ops):
     """An 8-bit cache (int8 values, a scale per slot, K/V and head): the kernel equals SDPA over the
     dequantized contexts, on both of its paths (a sequence per task and a (sequence, head) per task,
     the same arithmetic), and refuses an int8 cache without its scales."""
     g = torch.Generator().manual_seed(2)
-    S, H, D, B, L = 512, 4, 64, 5, 37
+    S, H, B, L = 512, 4, 5, 37
     kv, scale = quantize_kv(torch.randn(S, 2, H, D, generator=g) * torch.rand(S, 2, H, 1, generator=g) * 4)
     slots = torch.randperm(S, generator=g)[: B * L].view(B, L).contiguous()
     lens = torch.tensor([L, 1, 20, 36, 5])
