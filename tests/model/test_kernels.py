@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve import kernels
+from gpt2serve.model import gpt2 as gpt2_module
 from gpt2serve.model.gpt2 import (AttentionMetadata, Bf16Conv1D, Conv1D, F32Conv1D, GPT2Config, GPT2LMHeadModel,
                                   Int8Conv1D, KVCache, quantize_kv)
 from .helpers import forward_logits
@@ -207,6 +208,8 @@ def test_avx2_int8_prompts_on_fbgemm_where_it_wins(monkeypatch):
     and decode_layers stops below matmul_rows."""
     gemv_avx2 = kernels.gemv_avx2()
     monkeypatch.setattr(kernels, "gemv", lambda: gemv_avx2)  # this build whatever the CPU
+    # and a CPU without AMX, as the AVX2 build's are: with AMX, prompts go to oneDNN's copy instead
+    monkeypatch.setattr(gpt2_module, "has_amx", lambda: False)
     monkeypatch.setattr(GPT2LMHeadModel, "_choose_many", lambda self, *a, **k: setattr(self, "many_rows", "panels") or "panels")
     monkeypatch.setattr(GPT2LMHeadModel, "_choose_int8_prompt_matmul", lambda self, gemv: 64)
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=128, n_positions=128, vocab_size=300)
