@@ -1,5 +1,5 @@
 // What both builds of the kernels (gemv.cpp for AVX-512, gemv_avx2.cpp for AVX2) share: argument
-// checks and the row-count dispatch, no vector code. Included inside each one's anonymous namespace.
+// checks and the row-count, KV-cache-dtype and head-size dispatch, no vector code. Included inside each one's anonymous namespace.
 #pragma once
 
 // What every projection kernel's epilogue reads: act, an fp32 bias (N,), a residual (M, N) in the
@@ -21,6 +21,22 @@ void with_rows(int64_t M, F&& f) {
     if (M < Max) return with_rows<Max - 1>(M, f);
   }
   f(std::integral_constant<int, Max>{});
+}
+
+// f(kv data, scales or null) with the cache's element type
+template <typename F>
+void with_cache(const at::Tensor& kv, const c10::optional<at::Tensor>& kv_scale, F&& f) {
+  if (kv.scalar_type() == at::kFloat) f(kv.data_ptr<float>(), static_cast<const float*>(nullptr));
+  else if (kv.scalar_type() == at::kBFloat16) f(kv.data_ptr<at::BFloat16>(), static_cast<const float*>(nullptr));
+  else f(kv.data_ptr<int8_t>(), static_cast<const float*>(kv_scale->data_ptr<float>()));
+}
+
+// f(std::integral_constant<int64_t, 64>{}) for GPT-2's head size (every model of the family), else
+// f(std::integral_constant<int64_t, 0>{}): decode attention's loops over a head then unroll.
+template <typename F>
+void with_head_size(int64_t D, F&& f) {
+  if (D == 64) f(std::integral_constant<int64_t, 64>{});
+  else f(std::integral_constant<int64_t, 0>{});
 }
 
 // The arguments' shapes for B queries of H heads of D values, and every length and slot in range

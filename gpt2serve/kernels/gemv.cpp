@@ -832,14 +832,6 @@ void attend_seq(const float* q, const T* kv, const float* ks, const int64_t* slo
 }
 
 
-// f(kv data, scales or null) with the cache's element type
-template <typename F>
-void with_cache(const at::Tensor& kv, const c10::optional<at::Tensor>& kv_scale, F&& f) {
-  if (kv.scalar_type() == at::kFloat) f(kv.data_ptr<float>(), static_cast<const float*>(nullptr));
-  else if (kv.scalar_type() == at::kBFloat16) f(kv.data_ptr<at::BFloat16>(), static_cast<const float*>(nullptr));
-  else f(kv.data_ptr<int8_t>(), static_cast<const float*>(kv_scale->data_ptr<float>()));
-}
-
 // decode_attention without the checks: for arguments check_paged has passed (decode_layers checks
 // a step's slots once, not once per layer).
 at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& lens,
@@ -853,14 +845,14 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
   const int64_t* lp = lens.data_ptr<int64_t>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t threads = at::get_num_threads();
-  // dc: the head size compiled in where it is 64 (every GPT-2 model), else 0 (D at run time). With
-  // it the loops over D unroll and q's 4 vectors stay in registers across a block's 16 keys: 12
-  // layers of batch 32 at a context of 100 on 2 threads (Xeon with AMX), bf16 cache 6.8-7.8 -> 6.4-7.6
-  // ms, fp32 12.3-13.2 -> 10.7-11.4, int8 10.9-11.5 -> 10.2. That machine streams K/V at ~20 GB/s;
-  // with them in L2 the arithmetic alone went 5.7 -> 3.6 ms on one thread (without attend_seq's
-  // prefetches, which then cost more than the arithmetic: 10-16 ms; with the K/V in memory they
-  // cost nothing there, and they paid 1.6x on Zen 4, so they stay).
-  auto run = [&](auto dc) {
+  // dc: the head size compiled in where it is 64 (with_head_size). With it the loops over D unroll
+  // and q's 4 vectors stay in registers across a block's 16 keys: 12 layers of batch 32 at a context
+  // of 100 on 2 threads (Xeon with AMX), bf16 cache 6.8-7.8 -> 6.4-7.6 ms, fp32 12.3-13.2 ->
+  // 10.7-11.4, int8 10.9-11.5 -> 10.2. That machine streams K/V at ~20 GB/s; with them in L2 the
+  // arithmetic alone went 5.7 -> 3.6 ms on one thread (without attend_seq's prefetches, which there
+  // cost more than the arithmetic: 10-16 ms with them). With the K/V in memory the prefetches measured
+  // alike over a bf16 cache and cost 1.3x over fp32 on that machine, and paid 1.6x on Zen 4: they stay.
+  with_head_size(D, [&](auto dc) {
     constexpr int64_t DC = decltype(dc)::value;
     with_cache(kv, kv_scale, [&](const auto* kvp, const float* ks) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
@@ -883,9 +875,7 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
         }
       });
     });
-  };
-  if (D == 64) run(std::integral_constant<int64_t, 64>{});
-  else run(std::integral_constant<int64_t, 0>{});
+  });
   return out.to(q.scalar_type());
 }
 

@@ -628,7 +628,7 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t threads = at::get_num_threads();
-  // dc: the head size compiled in where it is 64 (every GPT-2 model), else 0 (D at run time), as in gemv.cpp
+  // dc: the head size compiled in where it is 64 (with_head_size), as in gemv.cpp
   auto run = [&](const auto* kvp, const float* ks, auto dc) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
     constexpr int64_t DC = decltype(dc)::value;
@@ -647,13 +647,7 @@ at::Tensor decode_attention_unchecked(const at::Tensor& q, const at::Tensor& kv,
         attend<T, DC>(qp + i * D, kvp, ks, sp + (i / H) * L, lp[i / H], H, D, i % H, scale, scores.data(), op + i * D);
     });
   };
-  auto with_dc = [&](auto dc) {
-    if (kv.scalar_type() == at::kFloat) run(kv.data_ptr<float>(), nullptr, dc);
-    else if (kv.scalar_type() == at::kBFloat16) run(kv.data_ptr<at::BFloat16>(), nullptr, dc);
-    else run(kv.data_ptr<int8_t>(), kv_scale->data_ptr<float>(), dc);
-  };
-  if (D == 64) with_dc(std::integral_constant<int64_t, 64>{});
-  else with_dc(std::integral_constant<int64_t, 0>{});
+  with_head_size(D, [&](auto dc) { with_cache(kv, kv_scale, [&](const auto* kvp, const float* ks) { run(kvp, ks, dc); }); });
   return out.to(q.scalar_type());
 }
 
