@@ -260,7 +260,7 @@ at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 // from cache. Why by hand, measured on the Zen 3 machine (48 block matmuls of GPT-2 124M, taking
 // turns in one process): fp32 against oneDNN's packed linear 17.5 vs 21.6 ms at 8 rows, 34.7-47.1
 // vs 50.6-53.2 at 32, alike at 128-512; in the engine fp32 batch 8 106 -> 164 tok/s, batch 32
-// 216 -> 284 (with decode_layers taking those steps). int8 runs near fbgemm's speed (0.95-1.2x its
+// 216 -> 284 (with decode_layers taking those steps). int8 runs near fbgemm's speed (0.95-1.25x its
 // time at 32 rows), but fbgemm quantises the whole batch with one 7-bit scale, so that a row's
 // result depends on the rest of its batch, and it leaves decode_layers out. Zen 3 issues vpmaddwd
 // (16 products), vpmaddubsw and FMAs 2 a cycle each, vpaddd 4, vpmovsxbw ~1 (measured there): this
