@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,16 @@ class StepResult:
     prompt_lps: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # seq_id -> entries of this chunk
 
 
+def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list of ints as an int64 tensor on `device`. Through array('q') and torch.frombuffer, which
+    shares the array's memory (and keeps it alive): torch.tensor walks a list element by element,
+    ~0.18 us an int (200 ints 36 us, 2,000 325 us on AMD Zen 3) against ~0.025 here."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    t = torch.frombuffer(array("q", values), dtype=torch.int64)
+    return t if device.type == "cpu" else t.to(device)
+
+
 class ModelRunner:
     def __init__(self, model: GPT2LMHeadModel, cache: KVCache, eos_token_id: int):
         self.model = model
@@ -28,6 +39,11 @@ class ModelRunner:
         self.eos = eos_token_id
         self.device = next(model.parameters()).device
         self.kernels = getattr(model, "kernels", None)  # set by prepare_for_serving, before the runner exists
+        # position p of a context is cache slot block_table[p // bs] * bs + p % bs: both parts made once
+        positions = torch.arange(model.config.n_positions, device=self.device)
+        self._positions = positions
+        self._block_of = positions // self.bs
+        self._offset = positions % self.bs
 
     def _slots(self, blocks: list[int], start: int, end: int) -> list[int]:
         bs = self.bs
@@ -61,35 +77,44 @@ class ModelRunner:
             elif a == 0:
                 prefills.append((start, start + c.num_tokens, None, None))
             else:  # a continuation chunk attends to the cached context too
-                ctx = torch.tensor(self._slots(s.blocks, 0, b), device=dev)
-                q_pos = torch.arange(a, b, device=dev)[:, None]
-                mask = torch.arange(b, device=dev)[None, :] <= q_pos  # (T, L)
+                ctx = int64_tensor(self._slots(s.blocks, 0, b), dev)
+                mask = self._positions[:b][None, :] <= self._positions[a:b, None]  # (T, L)
                 prefills.append((start, start + c.num_tokens, ctx, mask))
             row_end.append(len(ids))
 
-        dec_gather = dec_mask = None
-        if num_decode:
+        # every index of the step in one tensor (one conversion, then views):
+        # ids | positions | slots (N each) | decode lengths (B) | decode block tables (B * nb) | sampled rows (M)
+        N, B = len(ids), num_decode
+        rows = [row_end[ci] - 1 for _, ci in sample_seqs]
+        nb = -(-max(dec_lens) // bs) if B else 0
+        tables: list[int] = []
+        for blk in dec_blocks:  # (B, nb), a shorter context's table padded with block 0
+            tables += blk[:nb]
+            tables += [0] * (nb - len(blk))
+        flat = int64_tensor(ids + pos + slots + dec_lens + tables + rows, dev)
+        dec_gather = dec_mask = decode_lens = None
+        if B:
             L = max(dec_lens)
-            nb = -(-L // bs)
-            bt = torch.tensor([blk[:nb] + [0] * (nb - len(blk[:nb])) for blk in dec_blocks], device=dev)  # (B, nb)
-            p = torch.arange(L, device=dev)
-            dec_gather = bt[:, p // bs] * bs + p % bs  # (B, L) flat cache slots
+            decode_lens = flat[3 * N : 3 * N + B]
+            bt = flat[3 * N + B : 3 * N + B + B * nb].view(B, nb)
+            dec_gather = torch.add(self._offset[:L], bt[:, self._block_of[:L]], alpha=bs)  # (B, L) flat cache slots
             if min(dec_lens) < L:
-                dec_mask = (p[None, :] < torch.tensor(dec_lens, device=dev)[:, None])[:, None, None, :]  # (B, 1, 1, L)
+                dec_mask = (self._positions[:L][None, :] < decode_lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
         meta = AttentionMetadata(
             num_decode=num_decode,
-            slot_mapping=torch.tensor(slots, device=dev),
+            slot_mapping=flat[2 * N : 3 * N],
             decode_gather=dec_gather,
             decode_mask=dec_mask,
             prefills=prefills,
-            decode_lens=torch.tensor(dec_lens, device=dev) if num_decode else None,
+            decode_lens=decode_lens,
         )
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache, meta)  # (N, C)
+        hidden = self.model(flat[:N], flat[N : 2 * N], self.cache, meta)  # (N, C)
 
         result = StepResult()
         if sample_seqs:
-            rows = torch.tensor([row_end[ci] - 1 for _, ci in sample_seqs], device=dev)
-            logits = self.model.logits(hidden[rows])  # (M, V) fp32
+            # a decode step without forks samples every row in order: no gather of the rows
+            picked = hidden if rows == list(range(N)) else hidden[flat[len(flat) - len(rows) :]]
+            logits = self.model.logits(picked)  # (M, V) fp32
             seqs = [s for s, _ in sample_seqs]
             r: SampleResult = sample(logits, seqs, self.eos, self.kernels)
             for j, s in enumerate(seqs):

@@ -204,3 +204,18 @@ async def test_async_engine_streams_aborts_and_sheds_load(tiny):
         eng._waiting_estimate = 0
     finally:
         eng.shutdown()
+
+
+def test_int64_tensor_matches_torch_tensor_and_owns_its_memory():
+    import gc
+
+    from gpt2serve.engine.runner import int64_tensor
+
+    values = [3, -1, 2**40, 0, 7]
+    t = int64_tensor(values, torch.device("cpu"))
+    gc.collect()  # the array behind the tensor is referenced by the tensor alone
+    assert t.dtype == torch.int64 and t.is_contiguous()
+    assert torch.equal(t, torch.tensor(values))
+    assert torch.equal(t[1:3] * 2, torch.tensor([-2, 2**41]))  # views of it, as the runner takes them
+    empty = int64_tensor([], torch.device("cpu"))
+    assert empty.dtype == torch.int64 and empty.numel() == 0
