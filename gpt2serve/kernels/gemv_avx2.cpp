@@ -687,8 +687,27 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool bf1
 
 // ------------------------------------------------------------------------------ K/V writes
 
+// n fp32 values (a multiple of 16) rounded to bf16 as Tensor.to does: to nearest, ties to even (a NaN
+// becomes 0x7fc0, c10::BFloat16's own; torch's vectorised copy writes 0xffff)
+inline void to_bf16(const float* x, uint16_t* y, int64_t n) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
+  for (int64_t i = 0; i < n; i += 16) {
+    __m256i r[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256 f = _mm256_loadu_ps(x + i + 8 * h);
+      const __m256i u = _mm256_castps_si256(f);
+      const __m256i t = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+      r[h] = _mm256_blendv_epi8(t, qnan, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    }
+    // packus packs within 128-bit halves (r0 0-3, r1 0-3 | r0 4-7, r1 4-7): the permute restores the order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8));
+  }
+}
+
 // cache[slots[n]] = kv[n] (rounded to the cache's dtype as Tensor.to does), or for an int8 cache each
-// head's D values as symmetric int8 with scale max|x| / 127 (gemv.cpp's quantize_head, same bits)
+// head's D values as symmetric int8 with scale max|x| / 127 (gemv.cpp's quantize_head, same bits).
+// fp32 K/V into a bf16 cache (int8 models here) are rounded on the way, without Tensor.to's copy
+// (a call from Python, AMD Zen 3: one token 7.1 -> 4.0 us, 32 tokens 24.9 -> 7.4 us; 12 a step)
 void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, const c10::optional<at::Tensor>& scale) {
   check_kv_write(cache, slots, kv, scale);
   const int64_t N = kv.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
@@ -708,6 +727,14 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, 
           const float inv = mx > 0.f ? 127.f / mx : 0.f;
           for (int64_t d = 0; d < D; ++d) cp[sp[n] * row + i * D + d] = static_cast<int8_t>(std::nearbyint(x[d] * inv));
         }
+    });
+    return;
+  }
+  if (kv.scalar_type() == at::kFloat && cache.scalar_type() == at::kBFloat16) {
+    const float* xp = kv.data_ptr<float>();
+    uint16_t* cp = reinterpret_cast<uint16_t*>(cache.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) to_bf16(xp + n * kv.stride(0), cp + sp[n] * row, row);
     });
     return;
   }

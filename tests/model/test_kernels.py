@@ -669,6 +669,10 @@ def test_kv_write_is_index_copy(src, cache, ops):
     g = torch.Generator().manual_seed(5)
     N, H, D, S = 37, 3, 64, 100
     qkv = torch.randn(N, 3 * H * D, generator=g).to(src)
+    if src == torch.float32:  # rounding's edge cases: ties (to even, both ways), infinities, overflow, subnormals
+        edge = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-40, -1e-40, 0.0, -0.0])
+        qkv[0, H * D : H * D + len(edge)] = edge
+        qkv[N - 1, -len(edge):] = edge
     kv = qkv[:, H * D:].view(N, 2, H, D)
     slots = torch.randperm(S, generator=g)[:N]
     got = torch.randn(S, 2, H, D, generator=g).to(cache)
