@@ -989,11 +989,21 @@ class GPT2LMHeadModel(nn.Module):
             amx = kernels == "auto" and has_amx()
             # fbgemm only where it is > 10% faster: the panels compute each row as the GEMV does (8-bit
             # activations, a scale per row; fbgemm one 7-bit scale per call, so a row's result depends
-            # on its batch) and let decode_layers take the step; on AMD Zen 3 (no VNNI) the two ran
-            # within noise of each other (c_fc at 12 rows 0.36-0.46 ms each). Timed at 12 rows where
-            # AMX's oneDNN takes 16 and more either way, else at 32 (steadier than 12 on that machine).
-            many = self._amx_kernels(gemv) or self._choose_many(
-                lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12 if amx else 32, rival_margin=1.1)
+            # on its batch) and let decode_layers take the step. Timed at 12 rows where AMX's oneDNN
+            # takes 16 and more either way, else at 32. The AVX2 build keeps its panels for decode
+            # without timing them: on AMD Zen 3 fbgemm's c_fc at 32 rows timed 14-27% faster in
+            # isolation (over three loads; 0-15% the session before), so the choice flipped between
+            # loads, while in the engine batch 32 ran alike (fbgemm 521, 526 tok/s; the panels, with
+            # prompts of >= 64 rows on fbgemm, 615, 502; the session before fbgemm ahead in two pairs
+            # of three) and fbgemm's rounding cost greedy agreement with fp32 on the peers' weights
+            # (11 of 16 tokens against 16). Prompts still go to fbgemm where it times faster there
+            # (_choose_int8_prompt_matmul).
+            if is_avx2(gemv):
+                many = self.many_rows = "panels"
+            else:
+                many = self._amx_kernels(gemv) or self._choose_many(
+                    lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12 if amx else 32,
+                    rival_margin=1.1)
             replace = lambda w, b: Int8Conv1D(w, b, amx=amx, gemv=gemv, many=many)  # noqa: E731
             paged = self.transformer.h[0].attn.paged_ops is not None
             if kernels == "auto" and (Bf16Conv1D.supported(torch.bfloat16, wte.device) or paged):

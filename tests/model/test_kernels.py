@@ -225,6 +225,28 @@ def test_avx2_int8_prompts_on_fbgemm_where_it_wins(monkeypatch):
         assert torch.equal(fc(x)[:1], fc(x[:1]))  # the panels: row 0 as the GEMV computes it alone
 
 
+@pytest.mark.skipif(not kernels.supported_avx2(), reason="this CPU lacks AVX2: no kernels are used here")
+def test_avx2_int8_decode_rows_stay_on_the_panels(monkeypatch):
+    """With the AVX2 build int8's decode rows (5-63) run on the panels without a timed race against
+    fbgemm (which flipped between loads on AMD Zen 3 and changes outputs with its 7-bit rounding):
+    even where fbgemm would win every timing, the model keeps the panels and decode_layers takes
+    batched decode steps, each row as the GEMV computes it alone."""
+    gemv_avx2 = kernels.gemv_avx2()
+    monkeypatch.setattr(kernels, "gemv", lambda: gemv_avx2)
+    monkeypatch.setattr(gpt2_module, "has_amx", lambda: False)
+    monkeypatch.setattr(gpt2_module, "panels_win", lambda make, w, rival="onednn", **k: (rival, {"panels": 9.0, rival: 1.0}))
+    monkeypatch.setattr(GPT2LMHeadModel, "_choose_int8_prompt_matmul", lambda self, gemv: None)
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=128, n_positions=128, vocab_size=300)
+    m = GPT2LMHeadModel(cfg).init_random(seed=3).prepare_for_serving(int8=True)
+    fc = m.transformer.h[0].mlp.c_fc
+    assert m.many_rows == "panels" and fc.panels is not None and fc._packed is None
+    assert m._decode_layers is not None and m._decode_layers.max_rows > 32
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        x = torch.randn(32, 128, generator=g)
+        assert torch.equal(fc(x)[5:6], fc(x[5:6]))
+
+
 @pytest.mark.skipif(not Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu")),
                     reason="this CPU's oneDNN has no bf16 (no AVX512-BF16/AMX): Bf16Conv1D is not used here")
 @pytest.mark.parametrize("gemv", [False, GEMV], ids=["onednn", "gemv"])
