@@ -1000,6 +1000,7 @@ class GPT2LMHeadModel(nn.Module):
             # (_choose_int8_prompt_matmul).
             if is_avx2(gemv):
                 many = self.many_rows = "panels"
+                log.info("matmuls of > 4 rows: panels (int8 decode rows on the AVX2 build's panels, untimed)")
             else:
                 many = self._amx_kernels(gemv) or self._choose_many(
                     lambda w, m: Int8Conv1D(w, None, gemv=gemv, many=m), gemv, rival="fbgemm", rows=12 if amx else 32,
