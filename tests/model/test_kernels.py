@@ -460,6 +460,9 @@ def test_bf16_without_native_bf16_is_its_fp32_model(monkeypatch):
     served as the fp32 model of its bf16-rounded weights: the same logits to the bit, an fp32 cache.
     Forced here on every CPU; "torch" kernels (the comparison mode) keep bf16."""
     monkeypatch.setattr(Bf16Conv1D, "supported", staticmethod(lambda dtype, device: False))
+    # the same many-row matmuls for both models: each load times them, and the two loads' timings
+    # can pick differently (the panels' and oneDNN's fp32 sums differ in the last bits; seen in CI)
+    monkeypatch.setattr(gpt2_module, "panels_win", lambda make, w, rival="onednn", **k: ("panels", {"panels": 1.0, rival: 2.0}))
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=300)
     ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
     served = GPT2LMHeadModel(cfg).init_random(seed=3).to(torch.bfloat16).prepare_for_serving()
