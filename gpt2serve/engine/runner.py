@@ -86,7 +86,8 @@ class ModelRunner:
         # ids | positions | slots (N each) | decode lengths (B) | decode block tables (B * nb) | sampled rows (M)
         N, B = len(ids), num_decode
         rows = [row_end[ci] - 1 for _, ci in sample_seqs]
-        nb = -(-max(dec_lens) // bs) if B else 0
+        L = max(dec_lens) if B else 0  # the longest decode context
+        nb = -(-L // bs)
         tables: list[int] = []
         for blk in dec_blocks:  # (B, nb), a shorter context's table padded with block 0
             tables += blk[:nb]
@@ -94,7 +95,6 @@ class ModelRunner:
         flat = int64_tensor(ids + pos + slots + dec_lens + tables + rows, dev)
         dec_gather = dec_mask = decode_lens = None
         if B:
-            L = max(dec_lens)
             decode_lens = flat[3 * N : 3 * N + B]
             bt = flat[3 * N + B : 3 * N + B + B * nb].view(B, nb)
             dec_gather = torch.add(self._offset[:L], bt[:, self._block_of[:L]], alpha=bs)  # (B, L) flat cache slots
