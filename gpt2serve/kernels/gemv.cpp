@@ -1524,6 +1524,17 @@ inline void quantize_head(const T* x, int64_t D, int8_t* q, float* scale) {
   }
 }
 
+// 16 floats to bf16 rounded as c10 (and Tensor.to) rounds: to nearest even, NaN to 0x7fc0, and
+// subnormals kept, where vcvtneps2bf16 flushes subnormal inputs to zero (a K/V value of 1e-40 came
+// out 0 instead of Tensor.to's bf16 subnormal, found by test_kv_write_is_index_copy on Zen 4).
+inline __m256i to_bf16_exact(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, const c10::optional<at::Tensor>& scale) {
   check_kv_write(cache, slots, kv, scale);
   const int64_t N = kv.size(0), H = cache.size(2), D = cache.size(3), row = 2 * H * D;
@@ -1551,7 +1562,14 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, 
       for (int64_t n = n0; n < n1; ++n) {
         auto* d = dst + sp[n] * row;
         const auto* r = src + n * kv.stride(0);
-        if (!stream) {
+        if constexpr (std::is_same<std::remove_pointer_t<decltype(d)>, at::BFloat16>::value &&
+                      std::is_same<std::remove_const_t<std::remove_pointer_t<decltype(r)>>, float>::value) {
+          for (int64_t i = 0; i < row; i += 32) {  // fp32 rows into a bf16 cache: c10's rounding
+            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_exact(load16(r + i))), to_bf16_exact(load16(r + i + 16)), 1);
+            if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), v);
+            else _mm512_storeu_si512(reinterpret_cast<__m512i*>(d + i), v);
+          }
+        } else if (!stream) {
           for (int64_t i = 0; i < row; i += 16) store16(d + i, 0xFFFF, load16(r + i));
         } else if constexpr (std::is_same<std::remove_pointer_t<decltype(d)>, float>::value) {
           for (int64_t i = 0; i < row; i += 16) _mm512_stream_ps(d + i, load16(r + i));
