@@ -1573,11 +1573,9 @@ void kv_write(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv, 
           for (int64_t i = 0; i < row; i += 16) store16(d + i, 0xFFFF, load16(r + i));
         } else if constexpr (std::is_same<std::remove_pointer_t<decltype(d)>, float>::value) {
           for (int64_t i = 0; i < row; i += 16) _mm512_stream_ps(d + i, load16(r + i));
-        } else {
-          for (int64_t i = 0; i < row; i += 32) {
-            const __m256i lo = (__m256i)_mm512_cvtneps_pbh(load16(r + i)), hi = (__m256i)_mm512_cvtneps_pbh(load16(r + i + 16));
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-          }
+        } else {  // bf16 rows into a bf16 cache: the bits as they are (widening and rounding back flushed subnormals)
+          for (int64_t i = 0; i < row; i += 32)
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(r + i));
         }
       }
       _mm_sfence();  // the streamed lines are visible before the readers run
