@@ -65,6 +65,20 @@ void check_paged(int64_t B, int64_t H, int64_t D, const at::Tensor& kv, const at
   }
 }
 
+// The arguments of prefill_attention: q (T, H, D) fp32 or bf16, rows any stride; kv (L, 2, H, D)
+// fp32 or bf16 (K then V of each key), rows any stride, L >= T.
+void check_prefill(const at::Tensor& q, const at::Tensor& kv) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
+              "prefill_attention: q (T, H, D) and kv (L, 2, H, D) expected");
+  const int64_t T = q.size(0), D = q.size(2), L = kv.size(0);
+  TORCH_CHECK(T >= 1 && L >= T, "prefill_attention: 1 <= T <= L");
+  TORCH_CHECK(D % 16 == 0, "prefill_attention: head_dim must be a multiple of 16");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && kv.stride(3) == 1 && kv.stride(2) == D,
+              "prefill_attention: each row's heads must be contiguous");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "prefill_attention: fp32 or bf16");
+}
+
 // kv_write's arguments (both builds): the cache and K/V rows' layouts and dtypes, every slot in the
 // cache, an int8 cache's scales with it and only then
 inline void check_kv_write(const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv,

@@ -1024,20 +1024,6 @@ void prefill_task(const TQ* q, int64_t qs, const TK* k, const TK* v, int64_t ks,
   }
 }
 
-// The arguments of prefill_attention: q (T, H, D) fp32 or bf16, rows any stride; kv (L, 2, H, D)
-// fp32 or bf16 (K then V of each key), rows any stride, L >= T.
-void check_prefill(const at::Tensor& q, const at::Tensor& kv) {
-  TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(1) == 2 && kv.size(2) == q.size(1) && kv.size(3) == q.size(2),
-              "prefill_attention: q (T, H, D) and kv (L, 2, H, D) expected");
-  const int64_t T = q.size(0), D = q.size(2), L = kv.size(0);
-  TORCH_CHECK(T >= 1 && L >= T, "prefill_attention: 1 <= T <= L");
-  TORCH_CHECK(D % 16 == 0, "prefill_attention: head_dim must be a multiple of 16");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && kv.stride(3) == 1 && kv.stride(2) == D,
-              "prefill_attention: each row's heads must be contiguous");
-  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
-              (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "prefill_attention: fp32 or bf16");
-}
-
 // prefill_attention on AVX-512 (checked arguments). Returns (T, H, D) in q's dtype.
 at::Tensor prefill_attention_avx(const at::Tensor& q, const at::Tensor& kv) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), L = kv.size(0);
