@@ -765,6 +765,22 @@ def test_prefill_attention_matches_sdpa(qd, kd, T, L, bf16, ops):
         ops.prefill_attention(torch.zeros(L + 1, H, D), kv)
 
 
+@pytest.mark.parametrize("D", [16, 48, 80])
+def test_prefill_attention_other_head_sizes(D, ops):
+    """Head sizes other than GPT-2's 64 (multiples of 16): the weighted sum's last slice of a head is
+    narrower than the kernels' usual register tile (16 values of 48 or 80 on AVX2, 32 of 48 / 16 of 80 on
+    AVX-512); fp32 SDPA's result either way, for a whole prompt and a continuation chunk."""
+    H = 2
+    for T, L in ((65, 65), (20, 90)):
+        g = torch.Generator().manual_seed(D * 100 + T)
+        qkv = torch.randn(L, 3, H, D, generator=g)
+        q, kv = qkv[L - T:, 0], qkv[:, 1:]
+        mask = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]
+        ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kv[:, 0].transpose(0, 1)[None],
+                                             kv[:, 1].transpose(0, 1)[None], attn_mask=mask)[0].transpose(0, 1)
+        assert (ops.prefill_attention(q, kv, False) - ref).abs().max().item() < 1e-5
+
+
 @pytest.mark.skipif(not kernels.supported(), reason="this CPU lacks AVX-512 VNNI/BF16: the kernels are not used here")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_prompt_logits_with_the_attention_kernel_match_sdpa(dtype):
