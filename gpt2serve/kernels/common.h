@@ -79,6 +79,39 @@ void check_prefill(const at::Tensor& q, const at::Tensor& kv) {
               (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16), "prefill_attention: fp32 or bf16");
 }
 
+// prefill_attention's flash tasks (both builds): one per head and block of QB queries, handed out
+// from a counter with the last query blocks first (they see the most keys), so the threads finish
+// together. task(qp, kvp, outp, h, q0, nq, buf) gets q, kv and the (T, H, D) output as typed pointers
+// (fp32 or bf16) and `buf_floats` floats of the thread's scratch.
+template <int64_t QB, typename Task>
+at::Tensor prefill_tasks(const at::Tensor& q, const at::Tensor& kv, int64_t buf_floats, Task&& task) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  const int64_t nqb = (T + QB - 1) / QB, tasks = H * nqb;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  const bool qf = q.scalar_type() == at::kFloat, kf = kv.scalar_type() == at::kFloat;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf(buf_floats);
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      const int64_t qb = nqb - 1 - t / H, h = t % H, q0 = qb * QB, nq = std::min(QB, T - q0);
+      if (qf && kf) task(q.data_ptr<float>(), kv.data_ptr<float>(), out.data_ptr<float>(), h, q0, nq, buf.data());
+      else if (qf) task(q.data_ptr<float>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<float>(), h, q0, nq, buf.data());
+      else if (kf) task(q.data_ptr<at::BFloat16>(), kv.data_ptr<float>(), out.data_ptr<at::BFloat16>(), h, q0, nq, buf.data());
+      else task(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), h, q0, nq, buf.data());
+    }
+  });
+  return out;
+}
+
+// A flash task's queries, scaled and transposed: qt[d][i] = q[q0 + i][d] * scale for i < nq, zero for
+// the block's other QB - nq (q's rows qs elements apart)
+template <int64_t QB, typename TQ>
+void queries_transposed(const TQ* q, int64_t qs, int64_t q0, int64_t nq, int64_t D, float scale, float* qt) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t i = 0; i < QB; ++i) qt[d * QB + i] = i < nq ? static_cast<float>(q[(q0 + i) * qs + d]) * scale : 0.f;
+}
+
 // kv_write's arguments (both builds): the cache and K/V rows' layouts and dtypes, every slot in the
 // cache, an int8 cache's scales with it and only then
 inline void check_kv_write(const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& kv,

@@ -808,8 +808,7 @@ inline void store_row(at::BFloat16* y, const float* x, int64_t D) { to_bf16(x, r
 template <typename TQ, typename TK>
 void prefill_task(const TQ* q, int64_t qs, const TK* k, const TK* v, int64_t ks, TQ* out, int64_t os, int64_t offset,
                   int64_t q0, int64_t nq, int64_t D, float scale, float* qt, float* S, float* O, float* kf, float* vf) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = 0; i < kQB; ++i) qt[d * kQB + i] = i < nq ? static_cast<float>(q[(q0 + i) * qs + d]) * scale : 0.f;
+  queries_transposed<kQB>(q, qs, q0, nq, D, scale, qt);
   std::fill(O, O + kQB * D, 0.f);
   __m256 m[4], l[4];
   for (int vi = 0; vi < 4; ++vi) m[vi] = _mm256_set1_ps(-INFINITY), l[vi] = _mm256_setzero_ps();
@@ -883,31 +882,15 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool bf1
   (void)bf16;
   check_prefill(q, kv);
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), L = kv.size(0);
-  at::Tensor out = at::empty({T, H, D}, q.options());
-  const int64_t nqb = (T + kQB - 1) / kQB, tasks = H * nqb;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> buf(D * kQB + kKB * kQB + kPSlack + kQB * D + 2 * kKB * D);
-    float *qt = buf.data(), *S = qt + D * kQB, *O = S + kKB * kQB + kPSlack, *kf = O + kQB * D, *vf = kf + kKB * D;
-    // the last query blocks see the most keys: handed out first, so the threads finish together
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      const int64_t qb = nqb - 1 - t / H, h = t % H, q0 = qb * kQB, nq = std::min(kQB, T - q0);
-      auto run = [&](auto* qp, auto* kvp) {
-        using TQ = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
-        using TK = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
-        prefill_task<TQ, TK>(qp + h * D, q.stride(0), kvp + h * D, kvp + kv.stride(1) + h * D, kv.stride(0),
-                             out.data_ptr<TQ>() + h * D, H * D, L - T, q0, nq, D, scale, qt, S, O, kf, vf);
-      };
-      const bool qf = q.scalar_type() == at::kFloat, kf32 = kv.scalar_type() == at::kFloat;
-      if (qf && kf32) run(q.data_ptr<float>(), kv.data_ptr<float>());
-      else if (qf) run(q.data_ptr<float>(), kv.data_ptr<at::BFloat16>());
-      else if (kf32) run(q.data_ptr<at::BFloat16>(), kv.data_ptr<float>());
-      else run(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>());
-    }
+  return prefill_tasks<kQB>(q, kv, D * kQB + kKB * kQB + kPSlack + kQB * D + 2 * kKB * D,
+                            [&](auto* qp, auto* kvp, auto* op, int64_t h, int64_t q0, int64_t nq, float* buf) {
+    using TQ = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+    using TK = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
+    float *qt = buf, *S = qt + D * kQB, *O = S + kKB * kQB + kPSlack, *kf = O + kQB * D, *vf = kf + kKB * D;
+    prefill_task<TQ, TK>(qp + h * D, q.stride(0), kvp + h * D, kvp + kv.stride(1) + h * D, kv.stride(0), op + h * D, H * D,
+                         L - T, q0, nq, D, scale, qt, S, O, kf, vf);
   });
-  return out;
 }
 
 // ------------------------------------------------------------------------------ decode layers
