@@ -630,14 +630,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dtypes_for(engine: str, spec: str | None, quick: bool) -> list[str]:
+# Left out of the default set on CPUs without native bf16 (AVX512-BF16 or AMX), where torch's bf16
+# matmuls fall back to a scalar path ~60x slower than fp32 (AMD Zen 3: a 512-token prefill ~100 s
+# against ~0.9): this workload would take hours. Named in --dtypes, they run anyway.
+SLOW_WITHOUT_NATIVE_BF16 = {("transformers", "bfloat16")}
+
+
+def native_bf16() -> bool:
+    """Whether torch runs bf16 matmuls natively on this CPU (the check our loader makes)."""
+    import torch
+
+    from gpt2serve.model.gpt2 import Bf16Conv1D
+
+    return Bf16Conv1D.supported(torch.bfloat16, torch.device("cpu"))
+
+
+def _dtypes_for(engine: str, spec: str | None, quick: bool, leave_out: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """The dtypes of `engine` to measure: those `spec` names, else its default set less `leave_out`."""
     if spec:
         picked = [d.split(":", 1)[1] for d in _csv(spec) if d.split(":", 1)[0] == engine]
         bad = [d for d in picked if d not in ENGINE_DTYPES[engine]]
         if bad:
             raise SystemExit(f"unknown dtype(s) for {engine}: {bad}; known: {list(ENGINE_DTYPES[engine])}")
         return picked
-    return list(QUICK_DTYPES[engine] if quick else ENGINE_DTYPES[engine])
+    return [d for d in (QUICK_DTYPES[engine] if quick else ENGINE_DTYPES[engine]) if (engine, d) not in leave_out]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -693,6 +709,15 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "engines": [], "results": [], "notes": [],
         }
+        leave_out: set[tuple[str, str]] = set()
+        if not args.dtypes and not native_bf16():
+            leave_out = {(e, d) for e, d in SLOW_WITHOUT_NATIVE_BF16 if e in engines and not (args.quick and d not in QUICK_DTYPES[e])}
+            if leave_out:
+                note = (f"left out: {', '.join(f'{e} {d}' for e, d in sorted(leave_out))}; this CPU has no native bf16 "
+                        "(AVX512-BF16 or AMX), where torch's bf16 matmuls take ~60x fp32's time (hours for this "
+                        "workload); name it in --dtypes to measure it anyway")
+                log(note)
+                report["notes"].append(note)
         prof = cost = None
         if not args.no_hardware:
             from gpt2serve.bench import hardware
@@ -717,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
                 hardware.measure(cost, rows=rows, threads=args.threads, quick=args.quick, passes=1, into=prof, bandwidth=False)
                 prof.bandwidth["read_gbs"] = max(bw_rounds)
             for engine in engines if rnd % 2 == 0 else engines[::-1]:
-                dtypes = _dtypes_for(engine, args.dtypes, args.quick)
+                dtypes = _dtypes_for(engine, args.dtypes, args.quick, leave_out)
                 if not dtypes:
                     continue
                 log(f"--- {engine}: {', '.join(dtypes)}")

@@ -73,3 +73,22 @@ def test_merge_rounds_keeps_the_best_round_and_marks_missing_ones():
     merged = {r["metric"]: r for r in peers.merge_rounds(rs)}
     assert merged["decode_b1"]["tok_s"] == 120.0 and merged["decode_b1"]["rounds"] == [100.0, 120.0]
     assert merged["decode_b8"]["rounds"] == [None, 500.0]
+
+
+def test_default_set_leaves_transformers_bf16_out_without_native_bf16(tmp_path, monkeypatch, capsys):
+    """On a CPU without native bf16 the default dtype set skips transformers bf16 (torch's scalar bf16
+    matmuls: hours for the full workload) and says so in the log and the report's notes; named in
+    --dtypes it runs, and with native bf16 nothing is left out."""
+    monkeypatch.setattr(peers, "native_bf16", lambda: False)
+    out = tmp_path / "peers.json"
+    rc = peers.main(["--engines", "transformers", "--config", json.dumps(TINY), "--batches", "1", "--new-tokens", "2",
+                     "--prefill-len", "0", "--no-hardware", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert {r["dtype"] for r in report["results"]} == {"float32"}
+    assert any("transformers bfloat16" in n and "no native bf16" in n for n in report["notes"])
+    assert "left out: transformers bfloat16" in capsys.readouterr().err
+    slow = peers.SLOW_WITHOUT_NATIVE_BF16
+    assert peers._dtypes_for("transformers", None, False, slow) == ["float32"]
+    assert peers._dtypes_for("transformers", None, False) == ["float32", "bfloat16"]  # native bf16: nothing left out
+    assert peers._dtypes_for("transformers", "transformers:bfloat16,ours:int8", False, slow) == ["bfloat16"]  # named: runs
