@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         leave_out: set[tuple[str, str]] = set()
         if not args.dtypes and not native_bf16():
-            leave_out = {(e, d) for e, d in SLOW_WITHOUT_NATIVE_BF16 if e in engines and not (args.quick and d not in QUICK_DTYPES[e])}
+            leave_out = {(e, d) for e in engines for d in _dtypes_for(e, None, args.quick) if (e, d) in SLOW_WITHOUT_NATIVE_BF16}
             if leave_out:
                 note = (f"left out: {', '.join(f'{e} {d}' for e, d in sorted(leave_out))}; this CPU has no native bf16 "
                         "(AVX512-BF16 or AMX), where torch's bf16 matmuls take ~60x fp32's time (hours for this "

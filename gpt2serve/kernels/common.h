@@ -81,8 +81,9 @@ void check_prefill(const at::Tensor& q, const at::Tensor& kv) {
 
 // prefill_attention's flash tasks (both builds): one per head and block of QB queries, handed out
 // from a counter with the last query blocks first (they see the most keys), so the threads finish
-// together. task(qp, kvp, outp, h, q0, nq, buf) gets q, kv and the (T, H, D) output as typed pointers
-// (fp32 or bf16) and `buf_floats` floats of the thread's scratch.
+// together. task(q, k, v, out, q0, nq, buf) gets one head's queries, keys, values and output as typed
+// pointers (fp32 or bf16; rows q.stride(0), kv.stride(0) and H * D elements apart) and `buf_floats`
+// floats of the thread's scratch.
 template <int64_t QB, typename Task>
 at::Tensor prefill_tasks(const at::Tensor& q, const at::Tensor& kv, int64_t buf_floats, Task&& task) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -95,10 +96,13 @@ at::Tensor prefill_tasks(const at::Tensor& q, const at::Tensor& kv, int64_t buf_
     std::vector<float> buf(buf_floats);
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t qb = nqb - 1 - t / H, h = t % H, q0 = qb * QB, nq = std::min(QB, T - q0);
-      if (qf && kf) task(q.data_ptr<float>(), kv.data_ptr<float>(), out.data_ptr<float>(), h, q0, nq, buf.data());
-      else if (qf) task(q.data_ptr<float>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<float>(), h, q0, nq, buf.data());
-      else if (kf) task(q.data_ptr<at::BFloat16>(), kv.data_ptr<float>(), out.data_ptr<at::BFloat16>(), h, q0, nq, buf.data());
-      else task(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), h, q0, nq, buf.data());
+      auto head = [&](auto* qp, auto* kvp, auto* op) {
+        task(qp + h * D, kvp + h * D, kvp + kv.stride(1) + h * D, op + h * D, q0, nq, buf.data());
+      };
+      if (qf && kf) head(q.data_ptr<float>(), kv.data_ptr<float>(), out.data_ptr<float>());
+      else if (qf) head(q.data_ptr<float>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<float>());
+      else if (kf) head(q.data_ptr<at::BFloat16>(), kv.data_ptr<float>(), out.data_ptr<at::BFloat16>());
+      else head(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
     }
   });
   return out;

@@ -884,12 +884,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv, bool bf1
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), L = kv.size(0);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   return prefill_tasks<kQB>(q, kv, D * kQB + kKB * kQB + kPSlack + kQB * D + 2 * kKB * D,
-                            [&](auto* qp, auto* kvp, auto* op, int64_t h, int64_t q0, int64_t nq, float* buf) {
-    using TQ = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
-    using TK = std::remove_const_t<std::remove_pointer_t<decltype(kvp)>>;
+                            [&](auto* qh, auto* kh, auto* vh, auto* oh, int64_t q0, int64_t nq, float* buf) {
+    using TQ = std::remove_const_t<std::remove_pointer_t<decltype(qh)>>;
+    using TK = std::remove_const_t<std::remove_pointer_t<decltype(kh)>>;
     float *qt = buf, *S = qt + D * kQB, *O = S + kKB * kQB + kPSlack, *kf = O + kQB * D, *vf = kf + kKB * D;
-    prefill_task<TQ, TK>(qp + h * D, q.stride(0), kvp + h * D, kvp + kv.stride(1) + h * D, kv.stride(0), op + h * D, H * D,
-                         L - T, q0, nq, D, scale, qt, S, O, kf, vf);
+    prefill_task<TQ, TK>(qh, q.stride(0), kh, vh, kv.stride(0), oh, H * D, L - T, q0, nq, D, scale, qt, S, O, kf, vf);
   });
 }
 
